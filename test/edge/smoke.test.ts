@@ -1,0 +1,6 @@
+import { SELF } from "cloudflare:test";
+import { expect, it } from "vitest";
+it("healthz", async () => {
+  const r = await SELF.fetch("http://x/healthz");
+  expect(await r.json()).toMatchObject({ ok: true });
+});

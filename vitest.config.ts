@@ -1,0 +1,37 @@
+import { cloudflareTest } from "@cloudflare/vitest-pool-workers";
+import { defineConfig } from "vitest/config";
+
+/** Test vars for the worker under test (secrets are test-only values, never used elsewhere). */
+export const EDGE_TEST_BINDINGS = {
+  JWT_HS256_SECRET: "test-hs256-secret-0123456789abcdef0123456789abcdef",
+  BACKEND_HMAC_SECRET: "test-backend-hmac-secret-0123456789abcdef",
+  BACKEND_URLS: "http://backend.test",
+};
+
+export default defineConfig({
+  test: {
+    projects: [
+      {
+        test: {
+          name: "node",
+          include: ["test/shared/**/*.test.ts", "test/backend/**/*.test.ts"],
+          environment: "node",
+          testTimeout: 60_000,
+        },
+      },
+      {
+        plugins: [
+          cloudflareTest({
+            wrangler: { configPath: "./wrangler.toml" },
+            miniflare: { bindings: EDGE_TEST_BINDINGS },
+          }),
+        ],
+        test: {
+          name: "edge",
+          include: ["test/edge/**/*.test.ts"],
+          testTimeout: 60_000,
+        },
+      },
+    ],
+  },
+});
