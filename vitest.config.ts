@@ -1,5 +1,6 @@
 import { cloudflareTest } from "@cloudflare/vitest-pool-workers";
 import { defineConfig } from "vitest/config";
+import { goldenForWorkers } from "./test/support/golden.ts";
 
 /** Test vars for the worker under test (secrets are test-only values, never used elsewhere). */
 export const EDGE_TEST_BINDINGS = {
@@ -29,9 +30,12 @@ export default defineConfig({
         test: {
           name: "edge",
           include: ["test/edge/**/*.test.ts"],
+          // workerd has no file system: golden data travels as provided values (`inject("golden")`).
+          provide: { golden: goldenForWorkers() },
           testTimeout: 60_000,
         },
       },
     ],
   },
 });
+
