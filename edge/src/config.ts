@@ -1,0 +1,77 @@
+/**
+ * The edge's configuration, parsed from wrangler vars once per isolate. Invalid values fail every request
+ * with 500 `internal_error` (and a log line naming the variable), never a silent default.
+ */
+import { ApiError } from "../../shared/src/errors.ts";
+import type { EdgeEnv } from "./env.ts";
+
+export interface EdgeConfig {
+  modelId: string;
+  backendUrls: string[];
+  backendTimeoutMs: number;
+  backendSecret: string;
+  maxUploadBytes: number;
+  maxImagePixels: number;
+  minPixels: number;
+  maxPixels: number;
+  maxImageTokens: number;
+  maxQuestionChars: number;
+  maxNewTokensDefault: number;
+  maxNewTokensCap: number;
+}
+
+/** A configuration problem; its message names the variable and is logged, not shown to clients. */
+export class ConfigError extends Error {
+  override name = "ConfigError";
+}
+
+function int(env: EdgeEnv, key: keyof EdgeEnv, fallback: number): number {
+  const raw = env[key];
+  if (raw === undefined || raw === "") return fallback;
+  const n = Number(raw);
+  if (typeof raw !== "string" || !Number.isSafeInteger(n) || n <= 0) {
+    throw new ConfigError(`${key} must be a positive integer`);
+  }
+  return n;
+}
+
+const cache = new WeakMap<object, EdgeConfig>();
+
+export function loadConfig(env: EdgeEnv): EdgeConfig {
+  const hit = cache.get(env);
+  if (hit) return hit;
+  const backendUrls = (env.BACKEND_URLS ?? "")
+    .split(",")
+    .map((s) => s.trim().replace(/\/+$/, ""))
+    .filter(Boolean);
+  if (backendUrls.length === 0) throw new ConfigError("BACKEND_URLS is empty");
+  for (const u of backendUrls) {
+    if (!/^https?:\/\/[^\s/]+/.test(u)) throw new ConfigError("BACKEND_URLS holds an invalid URL");
+  }
+  if (!env.BACKEND_HMAC_SECRET || env.BACKEND_HMAC_SECRET.length < 16) {
+    throw new ConfigError("BACKEND_HMAC_SECRET must be set (at least 16 characters)");
+  }
+  const config: EdgeConfig = {
+    modelId: env.MODEL_ID || "medvlm-r1",
+    backendUrls,
+    backendTimeoutMs: int(env, "BACKEND_TIMEOUT_MS", 120_000),
+    backendSecret: env.BACKEND_HMAC_SECRET,
+    maxUploadBytes: int(env, "MAX_UPLOAD_BYTES", 10 * 1024 * 1024),
+    maxImagePixels: int(env, "MAX_IMAGE_PIXELS", 50_000_000),
+    minPixels: int(env, "MIN_PIXELS", 3136),
+    maxPixels: int(env, "MAX_PIXELS", 12_845_056),
+    maxImageTokens: int(env, "MAX_IMAGE_TOKENS", 16_384),
+    maxQuestionChars: int(env, "MAX_QUESTION_CHARS", 4000),
+    maxNewTokensDefault: int(env, "MAX_NEW_TOKENS_DEFAULT", 1024),
+    maxNewTokensCap: int(env, "MAX_NEW_TOKENS_CAP", 2048),
+  };
+  if (config.minPixels > config.maxPixels) throw new ConfigError("MIN_PIXELS exceeds MAX_PIXELS");
+  if (config.maxNewTokensDefault > config.maxNewTokensCap) throw new ConfigError("MAX_NEW_TOKENS_DEFAULT exceeds MAX_NEW_TOKENS_CAP");
+  cache.set(env, config);
+  return config;
+}
+
+/** What a client sees for a configuration error: a stable code, no internals. */
+export function configErrorToApi(): ApiError {
+  return new ApiError("internal_error", "the service is misconfigured");
+}

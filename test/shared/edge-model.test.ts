@@ -1,0 +1,30 @@
+/** scripts/build-edge-model.ts: the demo bundle is the golden Qwen2-VL tokenizer and config A's geometry. */
+import { execFileSync } from "node:child_process";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { describe, expect, it } from "vitest";
+import { modelFingerprint } from "../../shared/src/fingerprint.ts";
+import { GOLDEN_DIR, PROJECT_ROOT } from "../support/golden.ts";
+
+describe("edge model bundle", () => {
+  it("derives exactly the golden tokenizer.json and fingerprints tokenizer + configs", async () => {
+    execFileSync(process.execPath, [join(PROJECT_ROOT, "node_modules/tsx/dist/cli.mjs"), "scripts/build-edge-model.ts"], { cwd: PROJECT_ROOT, env: { ...process.env, MODEL_DIR: "" } });
+    const bundled = JSON.parse(readFileSync(join(PROJECT_ROOT, "edge/generated/tokenizer.json.txt"), "utf8"));
+    const golden = JSON.parse(readFileSync(join(GOLDEN_DIR, "tiny-a/tokenizer.json"), "utf8"));
+    expect(bundled).toEqual(golden);
+    const meta = JSON.parse(readFileSync(join(PROJECT_ROOT, "edge/generated/model-meta.json"), "utf8"));
+    const readJson = (f: string) => JSON.parse(readFileSync(join(GOLDEN_DIR, "tiny-a", f), "utf8"));
+    expect(meta.fingerprint).toBe(
+      await modelFingerprint({ tokenizer: golden, config: readJson("config.json"), preprocessor: readJson("preprocessor_config.json") }),
+    );
+    expect(meta).toMatchObject({ vocab_size: 151936, min_pixels: 3136, max_pixels: 12845056, eos_token_ids: [151645, 151643] });
+  });
+
+  it("the fingerprint ignores formatting and key order but not content", async () => {
+    const a = await modelFingerprint({ tokenizer: { a: 1, b: [1, 2] }, config: {}, preprocessor: {} });
+    const b = await modelFingerprint({ tokenizer: { b: [1, 2], a: 1 }, config: {}, preprocessor: {} });
+    const c = await modelFingerprint({ tokenizer: { b: [2, 1], a: 1 }, config: {}, preprocessor: {} });
+    expect(a).toBe(b);
+    expect(a).not.toBe(c);
+  });
+});
