@@ -1,0 +1,13 @@
+/** Upload validation and request parsing for `POST /v1/vqa` (and the image checks the OpenAI route reuses). */
+export { readBodyLimited } from "./read-body.ts";
+export {
+  MAX_ASPECT_RATIO,
+  decodeBase64,
+  decodeDataUri,
+  parseVqaRequest,
+  requestBodyCap,
+  validateImageBytes,
+  type VqaImage,
+  type VqaInput,
+  type VqaLimits,
+} from "./parse-vqa.ts";
