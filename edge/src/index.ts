@@ -46,7 +46,7 @@ app.use("*", async (c, next) => {
   c.set("logFields", {});
   await next();
   c.header("x-request-id", requestId);
-  const err = c.error;
+  const err = c.error instanceof HTTPException ? c.error.cause : c.error;
   log(c.res.status >= 500 ? "error" : "info", "request", {
     request_id: requestId,
     route: c.req.routePath,
@@ -85,8 +85,12 @@ app.notFound((c) => c.json(new ApiError("not_found", "no such route").toBody(c.g
 app.onError((err, c) => {
   const requestId = c.get("requestId");
   if (err instanceof HTTPException) {
+    // Middleware (auth, rate limit) build complete responses; add the request id to our JSON errors.
     const res = err.getResponse();
-    return new Response(res.body, res);
+    if (!(err.cause instanceof ApiError)) return res;
+    const headers = new Headers(res.headers);
+    headers.set("content-type", "application/json");
+    return new Response(JSON.stringify(err.cause.toBody(requestId)), { status: res.status, headers });
   }
   let apiError: ApiError;
   if (err instanceof ApiError) apiError = err;

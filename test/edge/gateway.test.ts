@@ -317,3 +317,32 @@ describe("routes and hygiene", () => {
     expect(res.headers.get("x-request-id")).toMatch(/^req_[0-9a-f]{20}$/);
   });
 });
+
+describe("middleware errors carry the request id", () => {
+  it("401 from auth has the standard challenge and our error body with request_id", async () => {
+    const res = await call(new Request("https://api.test/v1/models"));
+    expect(res.status).toBe(401);
+    expect(res.headers.get("www-authenticate")).toBe('Bearer realm="medvlm"');
+    const body = (await res.json()) as { error: { code: string; request_id: string } };
+    expect(body.error.code).toBe("missing_token");
+    expect(body.error.request_id).toBe(res.headers.get("x-request-id"));
+  });
+
+  it("a subject over its burst gets 429 with Retry-After and RateLimit headers", async () => {
+    const t = await token("burst-tester");
+    const statuses: number[] = [];
+    let last: Response | undefined;
+    let lastBody: unknown;
+    for (let i = 0; i < 12; i++) {
+      last = await call(new Request("https://api.test/v1/vqa", { method: "POST", headers: { authorization: `Bearer ${t}` }, body: vqaForm(golden.cases[0]!) }));
+      statuses.push(last.status);
+      lastBody = await last.json(); // reading the body ends the request (and frees its concurrency slot)
+    }
+    // wrangler.toml: RATE_LIMIT_BURST = 10
+    expect(statuses.slice(0, 10).every((s) => s === 200)).toBe(true);
+    expect(statuses.slice(10)).toEqual([429, 429]);
+    expect(Number(last!.headers.get("retry-after"))).toBeGreaterThanOrEqual(1);
+    expect(last!.headers.get("ratelimit-remaining")).toBe("0");
+    expect((lastBody as { error: { code: string; request_id: string } }).error).toMatchObject({ code: "rate_limited", request_id: expect.stringMatching(/^req_/) });
+  });
+});
