@@ -1,0 +1,141 @@
+/**
+ * A converted model folder (the converter's output: three ONNX graphs plus the checkpoint's tokenizer and
+ * config files) loaded into onnxruntime sessions. The execution provider is configuration: `cpu` (default)
+ * or `cuda`; a missing CUDA provider is a start-up error that says how to install it, never a silent
+ * fallback to CPU.
+ */
+import { readFile } from "node:fs/promises";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import * as ort from "onnxruntime-node";
+import { parseQwen2VLConfig, type Qwen2VLConfig } from "../checkpoint/config.ts";
+import { modelFingerprint } from "../../../shared/src/fingerprint.ts";
+import { modelMetaFromFiles, type ModelMeta } from "../../../shared/src/model-meta.ts";
+
+export type ExecutionProvider = "cpu" | "cuda";
+
+export interface EngineOptions {
+  executionProvider?: ExecutionProvider;
+  /** Intra-op threads per session (default: ORT's choice = physical cores). */
+  intraOpThreads?: number;
+}
+
+/** Start-up failure of the engine; `code` is stable, the message says what to do. */
+export class EngineLoadError extends Error {
+  readonly code: "model_not_found" | "bad_model" | "provider_unavailable";
+  constructor(code: EngineLoadError["code"], message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = "EngineLoadError";
+    this.code = code;
+  }
+}
+
+export interface PreprocessorConfig {
+  min_pixels: number;
+  max_pixels: number;
+  patch_size: number;
+  merge_size: number;
+  temporal_patch_size: number;
+  image_mean: number[];
+  image_std: number[];
+}
+
+export interface LoadedModel {
+  dir: string;
+  config: Qwen2VLConfig;
+  preprocessor: PreprocessorConfig;
+  meta: ModelMeta;
+  tokenizerJson: Record<string, unknown>;
+  tokenizerConfig: Record<string, unknown>;
+  /** From manifest.json: "fp32" | "fp16" | "int8" | "int4". */
+  dtype: string;
+  sessions: { vision: ort.InferenceSession; embed: ort.InferenceSession; decoder: ort.InferenceSession };
+}
+
+async function readJson(path: string): Promise<Record<string, unknown>> {
+  try {
+    return JSON.parse(await readFile(path, "utf8")) as Record<string, unknown>;
+  } catch (e) {
+    throw new EngineLoadError("bad_model", `cannot read ${path}: ${(e as Error).message}`, { cause: e });
+  }
+}
+
+function sessionOptions(opts: EngineOptions): ort.InferenceSession.SessionOptions {
+  const ep = opts.executionProvider ?? "cpu";
+  return {
+    executionProviders: ep === "cuda" ? ["cuda"] : ["cpu"],
+    graphOptimizationLevel: "all",
+    ...(opts.intraOpThreads ? { intraOpNumThreads: opts.intraOpThreads, interOpNumThreads: 1 } : {}),
+  };
+}
+
+async function createSession(path: string, opts: EngineOptions): Promise<ort.InferenceSession> {
+  try {
+    return await ort.InferenceSession.create(path, sessionOptions(opts));
+  } catch (e) {
+    const msg = (e as Error).message ?? String(e);
+    if (opts.executionProvider === "cuda") {
+      throw new EngineLoadError(
+        "provider_unavailable",
+        "the CUDA execution provider could not be loaded. Install onnxruntime-node with its CUDA 12 libraries " +
+          "(`ONNXRUNTIME_NODE_INSTALL=cuda12 npm ci`, or approve its install script) on a machine with an NVIDIA driver, " +
+          "CUDA 12 and cuDNN 9 (gpu-backend/Dockerfile does this), or set EXECUTION_PROVIDER=cpu. Cause: " + msg,
+        { cause: e },
+      );
+    }
+    throw new EngineLoadError("bad_model", `cannot load ${path}: ${msg}`, { cause: e });
+  }
+}
+
+/** Loads `dir` (a converter output folder) and creates its three sessions. */
+export async function loadModel(dir: string, opts: EngineOptions = {}): Promise<LoadedModel> {
+  for (const f of ["vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx", "config.json", "tokenizer.json"]) {
+    if (!existsSync(join(dir, f))) {
+      throw new EngineLoadError("model_not_found", `${join(dir, f)} is missing: convert a checkpoint first (npm run convert -- --model <folder> --out ${dir})`);
+    }
+  }
+  if (opts.executionProvider === "cuda" && !ort.listSupportedBackends().some((b) => b.name === "cuda")) {
+    throw new EngineLoadError(
+      "provider_unavailable",
+      "onnxruntime-node was installed without the CUDA execution provider. Reinstall it with " +
+        "`ONNXRUNTIME_NODE_INSTALL=cuda12 npm ci` on a CUDA 12 + cuDNN 9 machine (see gpu-backend/Dockerfile), or set EXECUTION_PROVIDER=cpu.",
+    );
+  }
+  const configJson = await readJson(join(dir, "config.json"));
+  const preprocessorJson = await readJson(join(dir, "preprocessor_config.json"));
+  const generationJson = existsSync(join(dir, "generation_config.json")) ? await readJson(join(dir, "generation_config.json")) : {};
+  const tokenizerJson = await readJson(join(dir, "tokenizer.json"));
+  const tokenizerConfig = existsSync(join(dir, "tokenizer_config.json")) ? await readJson(join(dir, "tokenizer_config.json")) : {};
+  const manifest = existsSync(join(dir, "manifest.json")) ? await readJson(join(dir, "manifest.json")) : {};
+  const config = parseQwen2VLConfig(configJson);
+  const fingerprint = await modelFingerprint({ tokenizer: tokenizerJson, config: configJson, preprocessor: preprocessorJson });
+  const meta = modelMetaFromFiles({ config: configJson, preprocessor: preprocessorJson, generation: generationJson, fingerprint });
+  const preprocessor: PreprocessorConfig = {
+    min_pixels: meta.min_pixels,
+    max_pixels: meta.max_pixels,
+    patch_size: meta.patch_size,
+    merge_size: meta.merge_size,
+    temporal_patch_size: meta.temporal_patch_size,
+    image_mean: (preprocessorJson.image_mean as number[] | undefined) ?? [0.48145466, 0.4578275, 0.40821073],
+    image_std: (preprocessorJson.image_std as number[] | undefined) ?? [0.26862954, 0.26130258, 0.27577711],
+  };
+  const [vision, embed, decoder] = [
+    await createSession(join(dir, "vision_encoder.onnx"), opts),
+    await createSession(join(dir, "embed_tokens.onnx"), opts),
+    await createSession(join(dir, "decoder_model_merged.onnx"), opts),
+  ];
+  return {
+    dir,
+    config,
+    preprocessor,
+    meta,
+    tokenizerJson,
+    tokenizerConfig,
+    dtype: typeof manifest.dtype === "string" ? manifest.dtype : "fp32",
+    sessions: { vision, embed, decoder },
+  };
+}
+
+export async function releaseModel(model: LoadedModel): Promise<void> {
+  await Promise.all(Object.values(model.sessions).map((s) => s.release()));
+}

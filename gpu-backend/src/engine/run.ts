@@ -1,0 +1,154 @@
+/**
+ * One request's generation state on top of a {@link Sequence}: token choice (sampling, or a forced
+ * continuation for scoring), incremental detokenization, stop conditions and the request's accounting.
+ * The same state is driven one sequence at a time (`runGeneration`, the CLI) or in the engine's batches.
+ */
+import type { FinishReason } from "../../../shared/src/api.ts";
+import type { GenerationParams } from "../../../shared/src/wire.ts";
+import { DetokenizerVocab, IncrementalDetokenizer } from "./detokenizer.ts";
+import { Sequence, topK, type PromptInput } from "./generate.ts";
+import type { LoadedModel } from "./model.ts";
+import { createSampler, type Sampler } from "./sampling.ts";
+import { StoppingCriteria } from "./stopping.ts";
+
+const vocabs = new WeakMap<LoadedModel, DetokenizerVocab>();
+
+/** The model's detokenizer vocabulary, built once per loaded model. */
+export function vocabOf(model: LoadedModel): DetokenizerVocab {
+  let v = vocabs.get(model);
+  if (!v) {
+    v = DetokenizerVocab.fromTokenizerJson(model.tokenizerJson);
+    vocabs.set(model, v);
+  }
+  return v;
+}
+
+export interface TokenOut {
+  id: number;
+  /** Text this token adds to the visible output (may be "" while a character or a possible stop string is pending). */
+  text: string;
+  index: number;
+}
+
+export interface GenerationOptions {
+  /** Score this continuation instead of sampling (teacher forcing); generation stops after it. */
+  forcedIds?: number[];
+  /** Record the top-k `[id, logit]` of every step (for `--forced-ids` and parity checks). */
+  topK?: number;
+  signal?: AbortSignal;
+}
+
+export class Generation {
+  readonly seq: Sequence;
+  readonly generatedIds: number[] = [];
+  readonly steps: { top5: [number, number][] }[] = [];
+  text = "";
+  finishReason: FinishReason | null = null;
+  private readonly sampler: Sampler;
+  private readonly stop: StoppingCriteria;
+
+  constructor(
+    readonly model: LoadedModel,
+    readonly prompt: PromptInput,
+    readonly params: GenerationParams,
+    private readonly opts: GenerationOptions = {},
+  ) {
+    this.seq = new Sequence(model, prompt, opts.signal);
+    this.sampler = createSampler(
+      {
+        temperature: params.temperature,
+        top_p: params.top_p,
+        top_k: params.top_k,
+        repetition_penalty: params.repetition_penalty,
+        seed: params.seed,
+      },
+      { vocabSize: model.config.text.vocab_size },
+    );
+    if (params.repetition_penalty !== 1) this.sampler.observe(prompt.inputIds);
+    const maxNew = opts.forcedIds ? Math.min(params.max_new_tokens, opts.forcedIds.length) : params.max_new_tokens;
+    this.stop = new StoppingCriteria(
+      {
+        // A forced continuation is scored to its end, eos included.
+        eosTokenIds: opts.forcedIds ? [] : model.meta.eos_token_ids,
+        stopStrings: params.stop,
+        maxNewTokens: maxNew,
+        contextLength: model.config.text.max_position_embeddings,
+        promptLength: prompt.inputIds.length,
+      },
+      new IncrementalDetokenizer(vocabOf(model), { skipSpecialTokens: true }),
+    );
+  }
+
+  get done(): boolean {
+    return this.finishReason !== null;
+  }
+
+  /** The last chosen token (what the next decode step feeds). */
+  get lastId(): number {
+    return this.generatedIds[this.generatedIds.length - 1]!;
+  }
+
+  /** Ends the generation from outside (cancel, deadline): the text still held back. */
+  abandon(): string {
+    this.seq.release();
+    return this.stop.finish();
+  }
+
+  /** Chooses the next token from `logits` and updates text and stop state. */
+  accept(logits: Float32Array): TokenOut {
+    if (this.opts.topK) this.steps.push({ top5: topK(logits, this.opts.topK) });
+    const index = this.generatedIds.length;
+    const forced = this.opts.forcedIds;
+    const id = forced ? forced[index]! : this.sampler.sample(logits);
+    if (forced) this.sampler.observe([id]);
+    this.generatedIds.push(id);
+    const r = this.stop.step(id);
+    if (r.done) {
+      this.finishReason = r.finishReason;
+      // A scored continuation still needs the distribution after its last token (see runGeneration).
+      if (!forced) this.seq.release();
+    }
+    this.text += r.text;
+    return { id, text: r.text, index };
+  }
+}
+
+export interface RunResult {
+  generatedIds: number[];
+  text: string;
+  finishReason: FinishReason;
+  steps: { top5: [number, number][] }[];
+  timings: { vision_ms: number; prefill_ms: number; decode_ms_per_token: number[]; total_ms: number };
+}
+
+/** Generates one sequence start to finish (no batching): the CLI's and the tests' path. */
+export async function runGeneration(
+  model: LoadedModel,
+  prompt: PromptInput,
+  params: GenerationParams,
+  opts: GenerationOptions & { onToken?: ((t: TokenOut) => void) | undefined } = {},
+): Promise<RunResult> {
+  const t0 = performance.now();
+  const gen = new Generation(model, prompt, params, opts);
+  try {
+    let out = gen.accept(await gen.seq.prefill());
+    opts.onToken?.(out);
+    while (!gen.done) {
+      out = gen.accept(await gen.seq.step(gen.lastId));
+      opts.onToken?.(out);
+    }
+    // Scoring a forced continuation: also the distribution after its last token (golden `forced_decode`
+    // has forced_ids.length + 1 steps).
+    if (opts.forcedIds && opts.topK) gen.steps.push({ top5: topK(await gen.seq.step(gen.lastId), opts.topK) });
+  } finally {
+    gen.seq.release();
+  }
+  const t = gen.seq.timings;
+  return {
+    generatedIds: gen.generatedIds,
+    text: gen.text,
+    finishReason: gen.finishReason!,
+    steps: gen.steps,
+    timings: { vision_ms: t.vision_ms, prefill_ms: t.prefill_ms, decode_ms_per_token: t.decode_ms, total_ms: performance.now() - t0 },
+  };
+}

@@ -1,0 +1,96 @@
+/**
+ * The generation engine end to end against transformers' golden cases (config A): a checkpoint made by
+ * make-test-model from the spec, converted to fp32, then messages → ids, grids, positions → greedy tokens and
+ * the teacher-forced decode, exactly as the reference.
+ */
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { DEFAULT_PARAMS } from "../../shared/src/wire.ts";
+import { makeTestModel } from "../../gpu-backend/src/checkpoint/make-test-model.ts";
+import { convertModel } from "../../gpu-backend/src/convert/index.ts";
+import { loadModel, releaseModel, type LoadedModel } from "../../gpu-backend/src/engine/model.ts";
+import { buildPrompt, createTokenizer } from "../../gpu-backend/src/engine/prompt.ts";
+import { getRopeIndex } from "../../gpu-backend/src/engine/rope-index.ts";
+import { runGeneration } from "../../gpu-backend/src/engine/run.ts";
+import type { ChatMessage } from "../../shared/src/chat-template.ts";
+import { GOLDEN_DIR, PROJECT_ROOT, loadGoldenCases } from "../support/golden.ts";
+
+const cases = loadGoldenCases();
+let work: string;
+let model: LoadedModel;
+
+beforeAll(async () => {
+  work = mkdtempSync(join(tmpdir(), "engine-golden-"));
+  await makeTestModel({ configPath: join(GOLDEN_DIR, "tiny-a", "config.json"), outDir: join(work, "ckpt") });
+  await convertModel({ model: join(work, "ckpt"), outDir: join(work, "onnx"), dtype: "fp32" });
+  model = await loadModel(join(work, "onnx"), { intraOpThreads: 2 });
+}, 120_000);
+
+afterAll(async () => {
+  if (model) await releaseModel(model);
+  rmSync(work, { recursive: true, force: true });
+});
+
+describe.each(cases.map((c) => [c.case, c] as const))("%s", (_name, c) => {
+  it("builds the reference input ids, grids and M-RoPE positions", async () => {
+    const prompt = await buildPrompt(model, createTokenizer(model), c.messages as ChatMessage[], GOLDEN_DIR);
+    expect(prompt.promptText).toBe(c.prompt_text);
+    expect([...prompt.inputIds]).toEqual(c.input_ids);
+    expect(prompt.gridThw.length ? prompt.gridThw : null).toEqual(c.image_grid_thw);
+    const rope = getRopeIndex(prompt.inputIds, { imageGridThw: prompt.gridThw, spatialMergeSize: 2 });
+    expect(rope.positionIds.map((a) => [...a])).toEqual(c.position_ids);
+    expect(rope.ropeDeltas).toBe(c.rope_deltas);
+  });
+
+  it("greedy generation reproduces the golden token ids", async () => {
+    const prompt = await buildPrompt(model, createTokenizer(model), c.messages as ChatMessage[], GOLDEN_DIR);
+    const r = await runGeneration(model, prompt, { ...DEFAULT_PARAMS, max_new_tokens: c.generated_ids.length });
+    expect(r.generatedIds).toEqual(c.generated_ids);
+    expect(r.finishReason).toBe("length");
+    expect(r.text).toBe(c.generated_text);
+  });
+
+  it("the teacher-forced decode matches top-5 ids and logits within 1e-4", async () => {
+    const prompt = await buildPrompt(model, createTokenizer(model), c.messages as ChatMessage[], GOLDEN_DIR);
+    const forced = c.forced_decode;
+    const r = await runGeneration(model, prompt, DEFAULT_PARAMS, { forcedIds: forced.forced_ids, topK: 5 });
+    expect(r.steps).toHaveLength(forced.steps.length);
+    let maxDiff = 0;
+    r.steps.forEach((s, k) => {
+      const want = forced.steps[k]!.top5;
+      expect(s.top5.map((p) => p[0]), `step ${k}`).toEqual(want.map((p) => p[0]));
+      for (let i = 0; i < 5; i++) maxDiff = Math.max(maxDiff, Math.abs(s.top5[i]![1] - want[i]![1]));
+    });
+    expect(maxDiff).toBeLessThanOrEqual(1e-4);
+    expect(r.text).toBe(forced.text.replace("<|im_end|>", ""));
+  });
+});
+
+describe("npm run generate", () => {
+  it("--json prints one line with the case's ids, positions and greedy ids", () => {
+    const c = cases[0]!;
+    const msgFile = join(work, "messages.json");
+    // Image paths are relative to the messages file: point them at the golden images.
+    const messages = JSON.parse(JSON.stringify(c.messages).replaceAll('"images/', `"${GOLDEN_DIR}/images/`));
+    writeFileSync(msgFile, JSON.stringify({ messages }));
+    const out = execFileSync(
+      process.execPath,
+      [join(PROJECT_ROOT, "node_modules/tsx/dist/cli.mjs"), "scripts/generate.ts", "--model", join(work, "onnx"), "--messages", msgFile, "--max-new-tokens", "24", "--json"],
+      { cwd: PROJECT_ROOT, encoding: "utf8" },
+    );
+    const lines = out.trim().split("\n");
+    expect(lines).toHaveLength(1);
+    const j = JSON.parse(lines[0]!);
+    expect(j.input_ids).toEqual(c.input_ids);
+    expect(j.image_grid_thw).toEqual(c.image_grid_thw);
+    expect(j.position_ids).toEqual(c.position_ids);
+    expect(j.rope_deltas).toBe(c.rope_deltas);
+    expect(j.generated_ids).toEqual(c.generated_ids);
+    expect(j.text).toBe(c.generated_text);
+    expect(j.answer).toMatchObject({ answer: null, format_ok: false });
+    expect(j.timings.decode_ms_per_token).toHaveLength(23);
+  }, 120_000);
+});
