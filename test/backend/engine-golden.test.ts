@@ -9,14 +9,13 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { DEFAULT_PARAMS } from "../../shared/src/wire.ts";
-import { makeTestModel } from "../../gpu-backend/src/checkpoint/make-test-model.ts";
-import { convertModel } from "../../gpu-backend/src/convert/index.ts";
 import { loadModel, releaseModel, type LoadedModel } from "../../gpu-backend/src/engine/model.ts";
 import { buildPrompt, createTokenizer } from "../../gpu-backend/src/engine/prompt.ts";
 import { getRopeIndex } from "../../gpu-backend/src/engine/rope-index.ts";
 import { runGeneration } from "../../gpu-backend/src/engine/run.ts";
 import type { ChatMessage } from "../../shared/src/chat-template.ts";
 import { GOLDEN_DIR, PROJECT_ROOT, loadGoldenCases } from "../support/golden.ts";
+import { buildTinyModel } from "../support/tiny-model.ts";
 
 const cases = loadGoldenCases();
 let work: string;
@@ -24,9 +23,7 @@ let model: LoadedModel;
 
 beforeAll(async () => {
   work = mkdtempSync(join(tmpdir(), "engine-golden-"));
-  await makeTestModel({ configPath: join(GOLDEN_DIR, "tiny-a", "config.json"), outDir: join(work, "ckpt") });
-  await convertModel({ model: join(work, "ckpt"), outDir: join(work, "onnx"), dtype: "fp32" });
-  model = await loadModel(join(work, "onnx"), { intraOpThreads: 2 });
+  model = await loadModel(await buildTinyModel(work), { intraOpThreads: 2 });
 }, 120_000);
 
 afterAll(async () => {

@@ -62,9 +62,11 @@ function i64(values: ArrayLike<number>, dims: number[]): ort.Tensor {
  */
 export class Sequence {
   readonly seqLen: number;
-  private past: Map<string, ort.Tensor> = new Map();
+  /** KV cache by past_key_values input name, each [1, kv_heads, fed, head_dim]. */
+  past: Map<string, ort.Tensor> = new Map();
   private ropeDeltas = 0;
-  private fed = 0;
+  /** Tokens in the KV cache (prompt + generated tokens fed back). */
+  fed = 0;
   readonly timings: StepTimings = { vision_ms: 0, prefill_ms: 0, decode_ms: [] };
 
   constructor(
@@ -167,15 +169,20 @@ export class Sequence {
     return logits;
   }
 
-  /** Feeds `tokenId` (the k-th generated token, k = 0, 1, …) and returns the next logits. */
-  async step(tokenId: number): Promise<Float32Array> {
+  /** Position of the next token fed back: `seq_len + k + rope_deltas` for the k-th generated token. */
+  nextPosition(): number {
     this.check();
     if (this.fed + 1 > this.model.config.text.max_position_embeddings) {
       throw new GenerationError("context_length_exceeded", "the context is full");
     }
-    const t0 = performance.now();
     const k = this.fed - this.seqLen;
-    const pos = this.seqLen + k + this.ropeDeltas;
+    return this.seqLen + k + this.ropeDeltas;
+  }
+
+  /** Feeds `tokenId` (the k-th generated token, k = 0, 1, …) and returns the next logits. */
+  async step(tokenId: number): Promise<Float32Array> {
+    const pos = this.nextPosition();
+    const t0 = performance.now();
     const logits = await this.decode(await this.embed([tokenId]), [[pos], [pos], [pos]]);
     this.timings.decode_ms.push(performance.now() - t0);
     return logits;
@@ -223,4 +230,72 @@ export function topK(logits: Float32Array, k: number): [number, number][] {
     }
   }
   return best;
+}
+
+/**
+ * One decode step for several sequences at once (continuous batching): their KV caches are left-padded to
+ * the longest, padding masked out by `attention_mask`, each sequence at its own M-RoPE position. Returns the
+ * next-token logits per sequence and moves each sequence's cache forward by one token.
+ * Masked positions get exactly zero attention weight, so each row equals its single-sequence result up to
+ * float summation order.
+ */
+export async function decodeBatch(model: LoadedModel, seqs: Sequence[], tokenIds: number[]): Promise<Float32Array[]> {
+  const B = seqs.length;
+  if (B === 1) return [await seqs[0]!.step(tokenIds[0]!)];
+  const positions = seqs.map((s) => s.nextPosition());
+  const t0 = performance.now();
+  const { num_hidden_layers: layers, num_key_value_heads: kv, head_dim: hd } = model.config.text;
+  const lens = seqs.map((s) => s.fed);
+  const L = Math.max(...lens);
+  const embeds = (await model.sessions.embed.run({ input_ids: i64(tokenIds, [B, 1]) })).inputs_embeds!;
+  const floatType = embeds.type as "float32" | "float16";
+  const mask = new Array<number>(B * (L + 1)).fill(0);
+  seqs.forEach((_, b) => mask.fill(1, b * (L + 1) + (L - lens[b]!), (b + 1) * (L + 1)));
+  const feeds: Record<string, ort.Tensor> = {
+    inputs_embeds: embeds,
+    attention_mask: i64(mask, [B, L + 1]),
+    position_ids: i64([...positions, ...positions, ...positions], [3, B, 1]),
+  };
+  const rowsPerHead = (len: number) => len * hd;
+  for (let i = 0; i < layers; i++) {
+    for (const kind of ["key", "value"]) {
+      const name = `past_key_values.${i}.${kind}`;
+      const data = floatType === "float16" ? new Uint16Array(B * kv * L * hd) : new Float32Array(B * kv * L * hd);
+      seqs.forEach((s, b) => {
+        const src = s.past.get(name)!.data as Float32Array | Uint16Array;
+        const pad = L - lens[b]!;
+        for (let h = 0; h < kv; h++) {
+          const from = h * rowsPerHead(lens[b]!);
+          data.set(src.subarray(from, from + rowsPerHead(lens[b]!)), ((b * kv + h) * L + pad) * hd);
+        }
+      });
+      feeds[name] = new ort.Tensor(floatType, data, [B, kv, L, hd]);
+    }
+  }
+  const out = await model.sessions.decoder.run(feeds);
+  for (let i = 0; i < layers; i++) {
+    for (const kind of ["key", "value"]) {
+      const present = out[`present.${i}.${kind}`]!.data as Float32Array | Uint16Array;
+      seqs.forEach((s, b) => {
+        const len = lens[b]! + 1;
+        const pad = L + 1 - len;
+        const own = floatType === "float16" ? new Uint16Array(kv * len * hd) : new Float32Array(kv * len * hd);
+        for (let h = 0; h < kv; h++) {
+          const from = ((b * kv + h) * (L + 1) + pad) * hd;
+          own.set(present.subarray(from, from + len * hd), h * len * hd);
+        }
+        s.past.set(`past_key_values.${i}.${kind}`, new ort.Tensor(floatType, own, [1, kv, len, hd]));
+      });
+    }
+  }
+  const logits = out.logits!;
+  const vocab = logits.dims[2]!;
+  const rows = logits.dims[1]!;
+  const all = toF32(logits);
+  const ms = performance.now() - t0;
+  return seqs.map((s, b) => {
+    s.fed += 1;
+    s.timings.decode_ms.push(ms);
+    return all.subarray((b * rows + rows - 1) * vocab, (b * rows + rows) * vocab);
+  });
 }

@@ -1,0 +1,228 @@
+/**
+ * The serving engine: continuous batching in the thread that owns the ONNX Runtime sessions. Each loop
+ * turn admits at most one waiting request (image preprocessing, grid check, prefill, first token), then
+ * runs ONE decode step for every active sequence together (`decodeBatch`); finished sequences leave and
+ * waiting ones join between steps. Implements the delivery rules of engine-types.ts.
+ */
+import { ApiError, isErrorCode, type ErrorCode } from "../../../shared/src/errors.ts";
+import { ImageDecodeError, preprocessImages } from "../preprocess/index.ts";
+import type { Engine, EngineEvent, EngineRequest, EngineStats } from "./engine-types.ts";
+import { CancelledError, GenerationError, decodeBatch } from "./generate.ts";
+import type { LoadedModel } from "./model.ts";
+import { Generation } from "./run.ts";
+import { RopeIndexError } from "./rope-index.ts";
+import { SamplingError } from "./sampling.ts";
+import { StopConfigError } from "./stopping.ts";
+
+export interface BatchingEngineOptions {
+  /** Sequences decoded together per step. */
+  maxBatch: number;
+  /** Cap on a request's image tokens (the server checks it too, from the edge's grid). */
+  maxImageTokens?: number;
+}
+
+interface Live {
+  req: EngineRequest;
+  sink: (ev: EngineEvent) => void;
+  enqueuedAt: number;
+  abort: AbortController;
+  gen?: Generation;
+  startedAt?: number;
+  imageTokens?: number;
+}
+
+/** Maps any failure inside the engine to a public error code and a message without request content. */
+function toError(e: unknown): { code: ErrorCode; message: string } {
+  if (e instanceof ImageDecodeError || e instanceof ApiError) return { code: e.code as ErrorCode, message: e.message };
+  if (e instanceof GenerationError) return { code: e.code, message: e.message };
+  if (e instanceof SamplingError || e instanceof StopConfigError) {
+    return { code: isErrorCode(e.code) ? e.code : "invalid_parameter", message: e.message };
+  }
+  if (e instanceof RopeIndexError) return { code: "invalid_request", message: e.message };
+  return { code: "internal_error", message: "the engine failed" };
+}
+
+export class BatchingEngine implements Engine {
+  private readonly waiting: Live[] = [];
+  private readonly active: Live[] = [];
+  private readonly byId = new Map<string, Live>();
+  private wake: (() => void) | null = null;
+  private closed = false;
+  private readonly loop: Promise<void>;
+
+  constructor(
+    readonly model: LoadedModel,
+    private readonly opts: BatchingEngineOptions,
+  ) {
+    this.loop = this.run();
+  }
+
+  get meta() {
+    return this.model.meta;
+  }
+
+  submit(req: EngineRequest, sink: (ev: EngineEvent) => void): void {
+    if (this.closed) {
+      sink({ type: "error", request_id: req.id, code: "backend_unavailable", message: "the engine is shutting down" });
+      return;
+    }
+    const live: Live = { req, sink, enqueuedAt: Date.now(), abort: new AbortController() };
+    this.byId.set(req.id, live);
+    this.waiting.push(live);
+    this.wake?.();
+  }
+
+  cancel(id: string): void {
+    const live = this.byId.get(id);
+    if (!live) return;
+    this.forget(live);
+    live.abort.abort();
+    live.gen?.abandon();
+  }
+
+  stats(): EngineStats {
+    return { active: this.active.length, queued: this.waiting.length, capacity: this.opts.maxBatch, ready: !this.closed };
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    for (const live of [...this.byId.values()]) this.cancel(live.req.id);
+    this.wake?.();
+    await this.loop;
+  }
+
+  private forget(live: Live): void {
+    this.byId.delete(live.req.id);
+    const w = this.waiting.indexOf(live);
+    if (w >= 0) this.waiting.splice(w, 1);
+    const a = this.active.indexOf(live);
+    if (a >= 0) this.active.splice(a, 1);
+  }
+
+  /** Sends an event unless the request was cancelled (cancel silences a request at once). */
+  private emit(live: Live, ev: EngineEvent): void {
+    if (this.byId.get(live.req.id) === live) live.sink(ev);
+  }
+
+  private fail(live: Live, e: unknown): void {
+    if (e instanceof CancelledError) return;
+    const { code, message } = toError(e);
+    this.emit(live, { type: "error", request_id: live.req.id, code, message });
+    this.forget(live);
+    live.gen?.abandon();
+  }
+
+  private finish(live: Live): void {
+    const gen = live.gen!;
+    const t = gen.seq.timings;
+    this.emit(live, {
+      type: "done",
+      request_id: live.req.id,
+      finish_reason: gen.finishReason!,
+      text: gen.text,
+      usage: { prompt_tokens: live.req.inputIds.length, image_tokens: live.imageTokens ?? 0, completion_tokens: gen.generatedIds.length },
+      timings: {
+        queue_ms: (live.startedAt ?? live.enqueuedAt) - live.enqueuedAt,
+        vision_ms: Math.round(t.vision_ms),
+        prefill_ms: Math.round(t.prefill_ms),
+        decode_ms: Math.round(t.decode_ms.reduce((a, b) => a + b, 0)),
+        backend_ms: Date.now() - live.enqueuedAt,
+      },
+    });
+    this.forget(live);
+  }
+
+  private token(live: Live, out: { id: number; text: string }): void {
+    this.emit(live, { type: "token", request_id: live.req.id, id: out.id, text: out.text });
+    if (live.gen!.done) this.finish(live);
+  }
+
+  /** Preprocesses the images, checks them against the edge's grid, prefills and emits the first token. */
+  private async admit(live: Live): Promise<void> {
+    const { req } = live;
+    const p = this.model.preprocessor;
+    const pre = req.images.length
+      ? await preprocessImages(
+          req.images.map((im) => ({ bytes: im.bytes, minPixels: im.minPixels, maxPixels: im.maxPixels })),
+          {
+            minPixels: p.min_pixels,
+            maxPixels: p.max_pixels,
+            patchSize: p.patch_size,
+            mergeSize: p.merge_size,
+            temporalPatchSize: p.temporal_patch_size,
+            imageMean: p.image_mean,
+            imageStd: p.image_std,
+            ...(this.opts.maxImageTokens ? { maxImageTokens: this.opts.maxImageTokens } : {}),
+          },
+        )
+      : null;
+    req.images.forEach((im, i) => {
+      const got = pre!.gridThw[i]!;
+      if (got.some((v, k) => v !== im.expectedGrid[k])) {
+        throw new ApiError("invalid_request", `image ${i}: its grid is ${got.join("x")}, the request declared ${im.expectedGrid.join("x")}`);
+      }
+    });
+    if (this.byId.get(req.id) !== live) return; // cancelled while preprocessing
+    live.imageTokens = pre ? pre.imageTokens.reduce((a, b) => a + b, 0) : 0;
+    live.gen = new Generation(
+      this.model,
+      { inputIds: req.inputIds, pixelValues: pre?.pixelValues ?? null, gridThw: pre?.gridThw ?? [] },
+      req.params,
+      { signal: live.abort.signal },
+    );
+    live.startedAt = Date.now();
+    this.emit(live, {
+      type: "start",
+      request_id: req.id,
+      prompt_tokens: req.inputIds.length,
+      image_tokens: live.imageTokens,
+      queue_ms: live.startedAt - live.enqueuedAt,
+    });
+    const first = live.gen.accept(await live.gen.seq.prefill());
+    if (this.byId.get(req.id) !== live) return;
+    this.active.push(live);
+    this.token(live, first);
+  }
+
+  private async run(): Promise<void> {
+    while (!this.closed) {
+      const next = this.active.length < this.opts.maxBatch ? this.waiting.shift() : undefined;
+      if (next) {
+        try {
+          await this.admit(next);
+        } catch (e) {
+          this.fail(next, e);
+        }
+      }
+      const batch = [...this.active];
+      if (batch.length > 0) {
+        try {
+          const logits = await decodeBatch(this.model, batch.map((l) => l.gen!.seq), batch.map((l) => l.gen!.lastId));
+          batch.forEach((live, i) => {
+            if (this.byId.get(live.req.id) !== live) return;
+            try {
+              this.token(live, live.gen!.accept(logits[i]!));
+            } catch (e) {
+              this.fail(live, e);
+            }
+          });
+        } catch (e) {
+          // A batch-level failure (e.g. a sequence cancelled mid-step, or the runtime failing): retry the
+          // survivors next turn; sequences that caused it get their error.
+          for (const live of batch) if (live.abort.signal.aborted) this.forget(live);
+          if (!(e instanceof CancelledError)) for (const live of batch) this.fail(live, e);
+        }
+      }
+      if (!next && batch.length === 0) {
+        await new Promise<void>((resolve) => {
+          this.wake = resolve;
+          if (this.waiting.length > 0 || this.closed) resolve();
+        });
+        this.wake = null;
+      } else {
+        // Let submit/cancel messages in between steps (session.run blocks this thread while it runs).
+        await new Promise((r) => setImmediate(r));
+      }
+    }
+  }
+}
