@@ -4,12 +4,6 @@
  */
 import { ApiError } from "./errors.ts";
 
-/** Number of LLM tokens an image of grid [t, h, w] (in patches) becomes after the 2×2 (merge²) merger. */
-export function imageTokenCount(gridThw: readonly [number, number, number], mergeSize: number): number {
-  const [t, h, w] = gridThw;
-  return (t * h * w) / (mergeSize * mergeSize);
-}
-
 /**
  * Replaces the k-th `imageTokenId` in `ids` by `tokensPerImage[k]` copies. The number of pads must equal the
  * number of images (ApiError `invalid_request` otherwise, e.g. a user text containing "<|image_pad|>").
