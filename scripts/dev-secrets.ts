@@ -5,6 +5,7 @@
  */
 import { randomBytes, randomUUID } from "node:crypto";
 import { appendFileSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
 import { SignJWT } from "jose";
 
 /** Secrets every local setup needs; {@link ensureDevVars} generates whichever is missing. */
@@ -161,4 +162,27 @@ export async function mintDevToken(options: DevTokenOptions): Promise<string> {
     .setExpirationTime(now + ttlSec)
     .setJti(randomUUID())
     .sign(key);
+}
+
+/**
+ * A development token for this checkout: ensures `.dev.vars` (fresh secrets on first use), reads iss/aud/scope
+ * from wrangler.toml `[vars]` and signs with `JWT_HS256_SECRET`. Used by `npm run token`, `npm start` and
+ * `npm run vqa`.
+ */
+export async function devTokenForRepo(
+  root: string,
+  opts: { sub?: string; ttlSec?: number; scope?: string } = {},
+): Promise<{ token: string; issuer: string; audience: string; scope: string; sub: string; ttlSec: number; devVars: EnsureDevVarsResult }> {
+  const wranglerVars = readWranglerVars(join(root, "wrangler.toml"));
+  const devVars = ensureDevVars(join(root, ".dev.vars"));
+  const issuer = wranglerVars.JWT_ISSUER;
+  const audience = wranglerVars.JWT_AUDIENCE;
+  const secret = devVars.vars.JWT_HS256_SECRET;
+  if (!issuer || !audience) throw new Error("wrangler.toml [vars] must set JWT_ISSUER and JWT_AUDIENCE");
+  if (!secret) throw new Error(".dev.vars has no JWT_HS256_SECRET");
+  const scope = opts.scope ?? wranglerVars.JWT_REQUIRED_SCOPE ?? "vqa";
+  const sub = opts.sub ?? "dev-user";
+  const ttlSec = opts.ttlSec ?? 3600;
+  const token = await mintDevToken({ secret, issuer, audience, scope, sub, ttlSec });
+  return { token, issuer, audience, scope, sub, ttlSec, devVars };
 }

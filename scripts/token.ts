@@ -8,7 +8,7 @@
  */
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { ensureDevVars, mintDevToken, readWranglerVars } from "./dev-secrets.ts";
+import { devTokenForRepo } from "./dev-secrets.ts";
 
 const USAGE = "usage: npm run token -- [--scope vqa] [--sub dev-user] [--ttl 3600]";
 
@@ -44,22 +44,16 @@ function parseArgs(argv: string[]): Args {
 async function main(): Promise<void> {
   const root = fileURLToPath(new URL("..", import.meta.url));
   const args = parseArgs(process.argv.slice(2));
-  const wranglerVars = readWranglerVars(join(root, "wrangler.toml"));
+  const { token, issuer, audience, scope, sub, ttlSec, devVars } = await devTokenForRepo(root, {
+    sub: args.sub,
+    ttlSec: args.ttl,
+    ...(args.scope !== undefined ? { scope: args.scope } : {}),
+  });
   const devVarsPath = join(root, ".dev.vars");
-  const { vars, created, added } = ensureDevVars(devVarsPath);
-  if (created) console.error(`created ${devVarsPath} with fresh secrets (${added.join(", ")})`);
-  else if (added.length > 0) console.error(`added ${added.join(", ")} to ${devVarsPath}`);
-
-  const issuer = wranglerVars.JWT_ISSUER;
-  const audience = wranglerVars.JWT_AUDIENCE;
-  const secret = vars.JWT_HS256_SECRET;
-  if (!issuer || !audience) throw new Error("wrangler.toml [vars] must set JWT_ISSUER and JWT_AUDIENCE");
-  if (!secret) throw new Error(".dev.vars has no JWT_HS256_SECRET");
-  const scope = args.scope ?? wranglerVars.JWT_REQUIRED_SCOPE ?? "vqa";
-
-  const token = await mintDevToken({ secret, issuer, audience, scope, sub: args.sub, ttlSec: args.ttl });
-  const expires = new Date(Date.now() + args.ttl * 1000).toISOString();
-  console.error(`HS256 token: iss=${issuer} aud=${audience} sub=${args.sub} scope=${scope || "(none)"} expires≈${expires}`);
+  if (devVars.created) console.error(`created ${devVarsPath} with fresh secrets (${devVars.added.join(", ")})`);
+  else if (devVars.added.length > 0) console.error(`added ${devVars.added.join(", ")} to ${devVarsPath}`);
+  const expires = new Date(Date.now() + ttlSec * 1000).toISOString();
+  console.error(`HS256 token: iss=${issuer} aud=${audience} sub=${sub} scope=${scope || "(none)"} expires≈${expires}`);
   process.stdout.write(`${token}\n`);
 }
 

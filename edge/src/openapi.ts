@@ -57,7 +57,7 @@ export const OPENAPI = {
             description: "The parsed answer (JSON), or an SSE stream when `stream` is true.",
             content: {
               "application/json": { schema: { $ref: "#/components/schemas/VqaResponse" } },
-              "text/event-stream": { schema: { type: "string", description: "event: token {delta,index} … event: done VqaResponse | event: error Error" } },
+              "text/event-stream": { schema: { type: "string", description: "event: token {delta,index,token_id} … event: done VqaResponse | event: error Error" } },
             },
           },
           "400": errorResponse("Malformed request"),

@@ -77,6 +77,8 @@ export interface VqaTokenEvent {
   delta: string;
   /** 0-based index of the generated token. */
   index: number;
+  /** The token's id in the model's vocabulary. */
+  token_id: number;
 }
 
 export interface ModelCard {

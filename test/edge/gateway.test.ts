@@ -197,7 +197,7 @@ describe("streaming /v1/vqa", () => {
         const [ev, data] = e.split("\n");
         return { event: ev!.replace("event: ", ""), data: JSON.parse(data!.replace("data: ", "")) };
       });
-    expect(events.filter((e) => e.event === "token").map((e) => e.data)).toEqual(pieces.map((delta, index) => ({ delta, index })));
+    expect(events.filter((e) => e.event === "token").map((e) => e.data)).toEqual(pieces.map((delta, index) => ({ delta, index, token_id: 1000 + index })));
     expect(events.filter((e) => e.event === "done")).toHaveLength(1);
     expect(events.at(-1)!.event).toBe("done");
     expect(events.at(-1)!.data).toMatchObject({ answer: "A", answer_text: "Focal flair hyperintensity", reasoning: "The lesion is bright", format_ok: true });

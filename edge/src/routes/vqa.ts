@@ -3,7 +3,7 @@
  * The prompt is the model's evaluation prompt byte for byte (shared/src/prompt.ts).
  */
 import type { Context } from "hono";
-import type { VqaResponse } from "../../../shared/src/api.ts";
+import type { VqaResponse, VqaTokenEvent } from "../../../shared/src/api.ts";
 import { parseAnswer } from "../../../shared/src/answer.ts";
 import { buildVqaMessages } from "../../../shared/src/prompt.ts";
 import { DEFAULT_PARAMS } from "../../../shared/src/wire.ts";
@@ -85,7 +85,7 @@ export async function vqaHandler(c: Context<AppEnv>): Promise<Response> {
     call,
     abort,
     {
-      token: (t) => sseEvent({ delta: t.text, index: t.index }, "token"),
+      token: (t) => sseEvent({ delta: t.text, index: t.index, token_id: t.id } satisfies VqaTokenEvent, "token"),
       done: (d) => sseEvent(toResponse(d), "done"),
       error: (e) => sseEvent(e.toBody(requestId), "error"),
     },
