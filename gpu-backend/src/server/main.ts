@@ -1,0 +1,147 @@
+/**
+ * The backend process: `tsx gpu-backend/src/server/main.ts` (env: see config.ts).
+ *
+ * Start-up: validate the configuration → read the model's meta from MODEL_DIR → start the engine's worker
+ * thread (`createEngine(config)` from gpu-backend/src/engine/index.ts runs there) → listen at once, so
+ * /healthz answers while the model loads and /readyz turns 200 when the engine reports ready.
+ * Shutdown (SIGTERM/SIGINT): stop admitting (503 + Retry-After, /readyz 503), let in-flight requests finish
+ * within SHUTDOWN_GRACE_MS, cancel the rest (each gets its final `error` event), stop listening, close the
+ * engine, exit 0. A second signal exits at once (1).
+ */
+import { existsSync } from "node:fs";
+import type { Server } from "node:http";
+import { fileURLToPath, pathToFileURL } from "node:url";
+import { serve, type ServerType } from "@hono/node-server";
+import type { Engine } from "../engine/engine-types.ts";
+import { createBackendApp, type BackendApp } from "./app.ts";
+import { BackendConfigError, loadBackendConfig, readModelMeta, type Env } from "./config.ts";
+import { createLogger, type Logger } from "./log.ts";
+import { createWorkerEngine } from "./worker-bridge.ts";
+
+/** Where the lead's engine factory lives (`export function createEngine(config: BackendConfig): Engine | Promise<Engine>`). */
+export function engineModuleUrl(): URL {
+  return new URL(`../engine/index.${import.meta.url.endsWith(".ts") ? "ts" : "js"}`, import.meta.url);
+}
+
+/**
+ * Stops listening: idle keep-alive connections close now and as soon as their response ends (checked every
+ * 25 ms: `close()` alone only closes those idle at the call); any still busy after `timeoutMs` are cut.
+ */
+export function closeServer(server: ServerType, timeoutMs: number): Promise<void> {
+  const http = server as Server;
+  return new Promise<void>((resolve) => {
+    const sweep = setInterval(() => http.closeIdleConnections?.(), 25);
+    const timer = setTimeout(() => http.closeAllConnections?.(), timeoutMs);
+    http.close(() => {
+      clearInterval(sweep);
+      clearTimeout(timer);
+      resolve();
+    });
+    http.closeIdleConnections?.();
+  });
+}
+
+/**
+ * Graceful shutdown: drain the app (in-flight requests finish within `graceMs`, the rest are cancelled
+ * with a final error event), let the responses flush, stop the server, close the engine.
+ */
+export async function shutdownBackend(p: {
+  app: BackendApp;
+  server: ServerType;
+  engine: Engine;
+  graceMs: number;
+  logger: Logger;
+  /** Bound on waiting for responses to finish after the drain; default 5 s. */
+  flushTimeoutMs?: number;
+}): Promise<void> {
+  await p.app.lifecycle.shutdown(p.graceMs);
+  await closeServer(p.server, p.flushTimeoutMs ?? 5_000);
+  await p.engine.close();
+  p.logger.log("info", "shutdown: complete");
+}
+
+/**
+ * Starts the backend from `env`; resolves once the server is listening (the model may still be loading).
+ * Exits the process on fatal start-up errors and after a signal-driven shutdown. `engineModule` replaces
+ * the engine factory's module (tests run the process with a fake engine).
+ */
+export async function main(env: Env = process.env, overrides: { engineModule?: URL } = {}): Promise<void> {
+  const logger = createLogger();
+  const fatal = (msg: string, fields: Record<string, string | number> = {}): never => {
+    logger.log("error", msg, fields);
+    process.exit(1);
+  };
+
+  let config;
+  try {
+    config = loadBackendConfig(env);
+  } catch (e) {
+    if (e instanceof BackendConfigError) {
+      process.stderr.write(`${e.message}\n`);
+      process.exit(1);
+    }
+    throw e;
+  }
+
+  let meta;
+  try {
+    meta = await readModelMeta(config.modelDir);
+  } catch (e) {
+    process.stderr.write(`cannot read the model in MODEL_DIR: ${(e as Error).message}\n`);
+    process.exit(1);
+  }
+
+  const moduleUrl = overrides.engineModule ?? engineModuleUrl();
+  if (!existsSync(fileURLToPath(moduleUrl))) {
+    process.stderr.write(
+      `the generation engine is not available: ${fileURLToPath(moduleUrl)} does not exist. ` +
+        "It must export createEngine(config) returning an Engine (gpu-backend/src/engine/engine-types.ts).\n",
+    );
+    process.exit(1);
+  }
+
+  const startedAt = Date.now();
+  const engine = createWorkerEngine({
+    module: moduleUrl,
+    options: config,
+    onExit: ({ code, error }) => fatal("engine worker stopped unexpectedly", { code: code ?? -1, error: error?.message ?? "exit" }),
+  });
+  const app = createBackendApp({ engine, config, meta, logger });
+  const server = await new Promise<ServerType>((resolve) => {
+    const s = serve({ fetch: app.fetch, port: config.port, hostname: config.host }, (info) => {
+      logger.log("info", "listening", { host: info.address, port: info.port, fingerprint: meta.fingerprint, execution_provider: config.executionProvider });
+      resolve(s);
+    });
+    s.once("error", (e: NodeJS.ErrnoException) => fatal(`cannot listen on ${config.host}:${config.port}`, { error: e.code ?? e.name }));
+  });
+
+  engine.loaded.then(
+    () => {
+      if (engine.meta && engine.meta.fingerprint !== meta.fingerprint) {
+        fatal("the engine loaded a different model than MODEL_DIR describes", { fingerprint: engine.meta.fingerprint });
+      }
+      logger.log("info", "engine ready", { load_ms: Date.now() - startedAt, capacity: engine.stats().capacity });
+    },
+    (e: Error) => fatal(`engine failed to start: ${e.message}`),
+  );
+
+  let stopping = false;
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (stopping) {
+      logger.log("warn", "second signal: exiting now", { signal });
+      process.exit(1);
+    }
+    stopping = true;
+    logger.log("info", "shutdown: signal", { signal, in_flight: app.lifecycle.inFlight(), grace_ms: config.shutdownGraceMs });
+    shutdownBackend({ app, server, engine, graceMs: config.shutdownGraceMs, logger }).then(
+      () => process.exit(0),
+      (e: Error) => fatal("shutdown failed", { error: e?.name ?? "error" }),
+    );
+  };
+  process.on("SIGTERM", onSignal);
+  process.on("SIGINT", onSignal);
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  await main();
+}
