@@ -15,7 +15,7 @@ export default defineConfig({
       {
         test: {
           name: "node",
-          include: ["test/shared/**/*.test.ts", "test/backend/**/*.test.ts"],
+          include: ["test/shared/**/*.test.ts", "test/backend/**/*.test.ts", "test/e2e/**/*.test.ts"],
           environment: "node",
           testTimeout: 60_000,
         },
