@@ -1,0 +1,362 @@
+/**
+ * What the three graph builders share: the conversion dtype, a source of checkpoint tensors, and a
+ * {@link ModuleEmitter} that turns checkpoint tensors into initializers (read lazily at write time, so
+ * only one tensor is in memory at once) and emits the recurring layers (Linear, LayerNorm, RMSNorm).
+ */
+import type { DeferredBytes, ElemType, GraphBuilder, Value } from "../onnx/index.ts";
+import { type QuantConfig, checkQuantConfig, quantizeBlockwise, zeroPointRowBytes } from "./quantize.ts";
+
+/** Output precision of a conversion. */
+export type ConvertDtype = "fp32" | "fp16" | "int8" | "int4";
+
+/** All conversion dtypes. */
+export const CONVERT_DTYPES: readonly ConvertDtype[] = ["fp32", "fp16", "int8", "int4"];
+
+/** Where checkpoint tensors come from (satisfied by the checkpoint module's `CheckpointWeights`). */
+export interface TensorSource {
+  info(name: string): { shape: number[]; dtype?: string };
+  readF32(name: string): Promise<Float32Array>;
+  /** Raw stored bytes; lets F32 tensors be used without a decoding copy. */
+  readRaw?(name: string): Promise<Uint8Array>;
+}
+
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+
+/** A tensor as float32; an F32 tensor is viewed in place (no second copy of a large matrix). */
+export async function readFloat32(src: TensorSource, name: string): Promise<Float32Array> {
+  if (src.readRaw && LITTLE_ENDIAN && src.info(name).dtype === "F32") {
+    const raw = await src.readRaw(name);
+    if (raw.byteOffset % 4 === 0 && raw.byteLength % 4 === 0) return new Float32Array(raw.buffer, raw.byteOffset, raw.byteLength / 4);
+  }
+  return src.readF32(name);
+}
+
+/** Options shared by the graph builders. */
+export interface BuildOptions {
+  dtype: ConvertDtype;
+  /** Quantization of int8/int4 (defaults: block 32, asymmetric, accuracy_level 4). */
+  quant?: Partial<Omit<QuantConfig, "bits">>;
+}
+
+/** Thrown for a problem with the model being converted (names the tensor or setting). */
+export class ConvertError extends Error {
+  readonly code: "unsupported" | "bad_weights" | "bad_options" | "output_exists";
+  constructor(code: ConvertError["code"], message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = "ConvertError";
+    this.code = code;
+  }
+}
+
+/** Activation element type for a conversion dtype (quantized graphs compute in float32). */
+export function floatTypeOf(dtype: ConvertDtype): "float32" | "float16" {
+  return dtype === "fp16" ? "float16" : "float32";
+}
+
+/** The smallest finite float32 (what transformers fills masked attention scores with). */
+export const F32_MIN = -3.4028234663852886e38;
+
+// ---------------------------------------------------------------------------------------------------------
+// Tensor data
+
+const f32Scratch = new Float32Array(1);
+const u32Scratch = new Uint32Array(f32Scratch.buffer);
+
+/** IEEE half bits of a float32 value, round-to-nearest-even (overflow → ±Inf, NaN kept). */
+export function float32ToFloat16Bits(value: number): number {
+  f32Scratch[0] = value;
+  const x = u32Scratch[0]!;
+  const sign = (x >>> 16) & 0x8000;
+  const exp = (x >>> 23) & 0xff;
+  let mant = x & 0x7fffff;
+  if (exp === 0xff) return sign | 0x7c00 | (mant ? 0x200 : 0);
+  const e = exp - 127 + 15;
+  if (e >= 0x1f) return sign | 0x7c00;
+  if (e <= 0) {
+    if (e < -10) return sign; // below half the smallest subnormal → ±0
+    mant |= 0x800000; // implicit 1
+    const shift = 14 - e;
+    let half = mant >>> shift;
+    const rem = mant & ((1 << shift) - 1);
+    const mid = 1 << (shift - 1);
+    if (rem > mid || (rem === mid && (half & 1))) half++;
+    return sign | half;
+  }
+  let half = (e << 10) | (mant >>> 13);
+  const rem = mant & 0x1fff;
+  if (rem > 0x1000 || (rem === 0x1000 && (half & 1))) half++; // may carry into the exponent: still correct
+  return sign | half;
+}
+
+/** float32 values → little-endian float16 bytes. */
+export function float16Bytes(values: Float32Array): Uint8Array {
+  const out = new Uint16Array(values.length);
+  for (let i = 0; i < values.length; i++) out[i] = float32ToFloat16Bits(values[i]!);
+  return new Uint8Array(out.buffer);
+}
+
+function bytesOf(a: Float32Array | Uint8Array): Uint8Array {
+  return a instanceof Uint8Array ? a : new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+}
+
+/** Elements per piece when a transformed tensor is produced piecewise (16 MB of float32). */
+const PIECE_ELEMS = 1 << 22;
+
+/** float32 values as bytes of `type`: float32 as one view (no copy), float16 converted piece by piece. */
+export async function* floatPieces(values: Float32Array, type: "float32" | "float16"): AsyncGenerator<Uint8Array> {
+  if (type === "float32") {
+    yield bytesOf(values);
+    return;
+  }
+  for (let i = 0; i < values.length; i += PIECE_ELEMS) yield float16Bytes(values.subarray(i, i + PIECE_ELEMS));
+}
+
+/**
+ * W [rows, cols] transposed to [cols, rows], produced a band of output rows at a time so that only W and
+ * one band are in memory (the LM head of a real model is 151936 × 1536).
+ */
+export async function* transposedPieces(w: Float32Array, rows: number, cols: number, type: "float32" | "float16"): AsyncGenerator<Uint8Array> {
+  const band = Math.max(1, Math.floor(PIECE_ELEMS / rows));
+  for (let c0 = 0; c0 < cols; c0 += band) {
+    const c1 = Math.min(cols, c0 + band);
+    const piece = new Float32Array((c1 - c0) * rows);
+    for (let r = 0; r < rows; r++) {
+      const src = r * cols;
+      for (let c = c0; c < c1; c++) piece[(c - c0) * rows + r] = w[src + c]!;
+    }
+    yield* floatPieces(piece, type);
+  }
+}
+
+/** A deferred payload produced by `produce` (piecewise for the writer; concatenated by `read`). */
+export function deferredPieces(byteLength: number, produce: () => AsyncIterable<Uint8Array>): DeferredBytes {
+  return {
+    byteLength,
+    chunks: produce,
+    read: async () => {
+      const out = new Uint8Array(byteLength);
+      let off = 0;
+      for await (const piece of produce()) {
+        if (off + piece.byteLength > byteLength) throw new ConvertError("bad_weights", `payload longer than the promised ${byteLength} bytes`);
+        out.set(piece, off);
+        off += piece.byteLength;
+      }
+      return out;
+    },
+  };
+}
+
+/**
+ * A value computed once and handed to `uses` consumers (the packed weight, scales and zero points of one
+ * quantized matrix come from a single read); dropped after the last consumer took it.
+ */
+function shared<T>(uses: number, make: () => Promise<T>): () => Promise<T> {
+  let p: Promise<T> | undefined;
+  let left = uses;
+  return () => {
+    const cur = p ?? (p = make());
+    if (--left === 0) p = undefined;
+    return cur;
+  };
+}
+
+/**
+ * The MatMulNBits settings of a conversion (undefined for fp32/fp16): bits from the dtype; block 32,
+ * asymmetric and accuracy_level 4 (int8 compute) unless overridden.
+ */
+export function quantConfigFor(options: BuildOptions): QuantConfig | undefined {
+  if (options.dtype !== "int8" && options.dtype !== "int4") return undefined;
+  const q = options.quant ?? {};
+  const cfg: QuantConfig = {
+    bits: options.dtype === "int8" ? 8 : 4,
+    blockSize: q.blockSize ?? 32,
+    symmetric: q.symmetric ?? false,
+    accuracyLevel: q.accuracyLevel ?? 4,
+  };
+  try {
+    checkQuantConfig(cfg.blockSize, cfg);
+  } catch (e) {
+    throw new ConvertError("bad_options", (e as Error).message, { cause: e });
+  }
+  if (![0, 1, 2, 3, 4].includes(cfg.accuracyLevel!)) throw new ConvertError("bad_options", `accuracy_level must be 0..4, got ${cfg.accuracyLevel}`);
+  return cfg;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Emitting layers
+
+/** Options of {@link ModuleEmitter.linear}. */
+export interface LinearOptions {
+  /** Add `<module>.bias`. */
+  bias: boolean;
+  /** Quantize with MatMulNBits when the dtype is int8/int4 (default true). */
+  quantize?: boolean;
+  /** Take the weight from this checkpoint tensor instead of `<module>.weight` (tied LM head). */
+  weight?: string;
+  /** Treat a weight [N, ...] as [N, prod(...)] (Conv3d patch embedding with kernel = stride). */
+  flatten?: boolean;
+}
+
+/**
+ * Emits layers into a graph, reading weights from a {@link TensorSource}. Initializers keep the
+ * checkpoint's tensor names (`model.layers.0.self_attn.q_proj.bias`); derived tensors add a suffix:
+ * `.weight_T` (transposed for MatMul), `.weight_Q4`/`_Q8`, `.weight_scales`, `.weight_zp`.
+ */
+export class ModuleEmitter {
+  readonly float: "float32" | "float16";
+  readonly quant: QuantConfig | undefined;
+
+  constructor(
+    readonly g: GraphBuilder,
+    readonly weights: TensorSource,
+    readonly options: BuildOptions,
+  ) {
+    this.float = floatTypeOf(options.dtype);
+    this.quant = quantConfigFor(options);
+  }
+
+  /** Shape of a checkpoint tensor. */
+  shape(name: string): number[] {
+    return this.weights.info(name).shape;
+  }
+
+  /** A deferred initializer payload: `make` runs when the writer reaches this tensor. */
+  private deferred(byteLength: number, make: () => Promise<Float32Array | Uint8Array>): DeferredBytes {
+    return deferredPieces(byteLength, async function* () {
+      yield bytesOf(await make());
+    });
+  }
+
+  /** float32 data in the graph's float type. */
+  toFloat(values: Float32Array): Uint8Array {
+    return this.float === "float16" ? float16Bytes(values) : bytesOf(values);
+  }
+
+  /** Bytes per element of the float type. */
+  get floatBytes(): number {
+    return this.float === "float16" ? 2 : 4;
+  }
+
+  /** A checkpoint tensor as an initializer of the same name (float type, or float32 if `f32`). */
+  param(name: string, opts: { f32?: boolean } = {}): Value {
+    if (this.g.has(name)) return name;
+    const shape = this.shape(name);
+    const type: ElemType = opts.f32 ? "float32" : this.float;
+    const n = shape.reduce((a, b) => a * b, 1);
+    const bytes = type === "float16" ? 2 : 4;
+    const weights = this.weights;
+    return this.g.initializer(name, type, shape, deferredPieces(n * bytes, async function* () {
+      yield* floatPieces(await readFloat32(weights, name), type);
+    }));
+  }
+
+  /** A float scalar/1-D constant in the graph's float type (or float32). */
+  constant(values: number[], dims?: number[], type: "float32" | "float16" = this.float): Value {
+    if (type === "float32") return this.g.constant("float32", values, dims);
+    return this.g.constantBytes("float16", float16Bytes(Float32Array.from(values)), dims ?? [values.length]);
+  }
+
+  /** Casts to float32 (no-op for float32 graphs). */
+  toF32(x: Value): Value {
+    return this.float === "float32" ? x : this.g.op("Cast", [x], { to: 1 });
+  }
+
+  /** Casts float32 back to the graph's float type (no-op for float32 graphs). */
+  fromF32(x: Value): Value {
+    return this.float === "float32" ? x : this.g.op("Cast", [x], { to: 10 });
+  }
+
+  /**
+   * `y = x·Wᵀ (+ b)` for a torch Linear `<module>` (weight [out, in]). Float graphs: MatMul with the
+   * transposed weight `<module>.weight_T` [in, out]. int8/int4: `com.microsoft.MatMulNBits` with
+   * B/scales/zero points derived from the same weight.
+   */
+  linear(x: Value, module: string, opts: LinearOptions): Value {
+    const wName = opts.weight ?? `${module}.weight`;
+    const raw = this.shape(wName);
+    const shape = opts.flatten ? [raw[0]!, raw.slice(1).reduce((a, b) => a * b, 1)] : raw;
+    if (shape.length !== 2) throw new ConvertError("bad_weights", `${wName}: expected a 2-D Linear weight, got [${shape.join(", ")}]`);
+    const [N, K] = shape as [number, number];
+    const g = this.g;
+    const q = opts.quantize === false ? undefined : this.quant;
+    let y: Value;
+    if (q) {
+      const kBlocks = checkQuantConfig(K, q);
+      const blob = (q.blockSize * q.bits) / 8;
+      const zpRow = zeroPointRowBytes(kBlocks, q.bits);
+      const uses = q.symmetric ? 2 : 3;
+      const get = shared(uses, async () => quantizeBlockwise(await readFloat32(this.weights, wName), N, K, q));
+      const base = `${module}.weight`;
+      const B = g.initializer(`${base}_Q${q.bits}`, "uint8", [N, kBlocks, blob], this.deferred(N * kBlocks * blob, async () => (await get()).packed));
+      const S = g.initializer(`${base}_scales`, this.float, [N, kBlocks], this.deferred(N * kBlocks * this.floatBytes, async () => this.toFloat((await get()).scales)));
+      const inputs = [x, B, S];
+      if (!q.symmetric) {
+        inputs.push(g.initializer(`${base}_zp`, "uint8", [N, zpRow], this.deferred(N * zpRow, async () => (await get()).zeroPoints!)));
+      }
+      const attrs: Record<string, number> = { K, N, bits: q.bits, block_size: q.blockSize };
+      if (q.accuracyLevel) attrs["accuracy_level"] = q.accuracyLevel;
+      y = g.within(module, () => g.op("MatMulNBits", inputs, attrs, { domain: "com.microsoft" }));
+    } else {
+      const wt = `${module}.weight_T`;
+      const weights = this.weights;
+      const type = this.float;
+      const W = g.has(wt)
+        ? wt
+        : g.initializer(wt, type, [K, N], deferredPieces(N * K * this.floatBytes, async function* () {
+            yield* transposedPieces(await readFloat32(weights, wName), N, K, type);
+          }));
+      y = g.within(module, () => g.op("MatMul", [x, W]));
+    }
+    if (opts.bias) {
+      const b = this.param(`${module}.bias`);
+      y = g.within(module, () => g.op("Add", [y, b]));
+    }
+    return y;
+  }
+
+  /** torch LayerNorm over the last axis (`<module>.weight`, `.bias`); computed in float32. */
+  layerNorm(x: Value, module: string, eps: number): Value {
+    const g = this.g;
+    return g.within(module, () =>
+      this.fromF32(
+        g.op("LayerNormalization", [this.toF32(x), this.param(`${module}.weight`, { f32: true }), this.param(`${module}.bias`, { f32: true })], {
+          axis: -1,
+          epsilon: { float: eps },
+        }),
+      ),
+    );
+  }
+
+  /**
+   * Qwen2RMSNorm exactly as transformers computes it: in float32 `x · 1/sqrt(mean(x²) + eps)`, cast back
+   * to the input dtype, then times the weight.
+   */
+  rmsNorm(x: Value, module: string, eps: number): Value {
+    const g = this.g;
+    return g.within(module, () => {
+      const x32 = this.toF32(x);
+      const variance = g.op("ReduceMean", [g.op("Mul", [x32, x32])], { axes: [-1], keepdims: 1 });
+      const inv = g.op("Div", [g.f32Scalar(1), g.op("Sqrt", [g.op("Add", [variance, g.f32Scalar(eps)])])]);
+      return g.op("Mul", [this.param(`${module}.weight`), this.fromF32(g.op("Mul", [x32, inv]))]);
+    });
+  }
+
+  /** `rotate_half(x)·sin + x·cos` over the last axis (cos/sin broadcastable to x). */
+  rotary(x: Value, cos: Value, sin: Value, headDim: number): Value {
+    const g = this.g;
+    const half = headDim / 2;
+    const [x1, x2] = g.node("Split", [x, g.i64([half, half])], { axis: -1 }, { outputs: 2 }) as [Value, Value];
+    const rotated = g.op("Concat", [g.op("Neg", [x2]), x1], { axis: -1 });
+    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])]);
+  }
+}
+
+/** `1 / base^(2i/dim)` for i < dim/2, computed like torch in float32 (arange/dim, pow, reciprocal). */
+export function ropeInvFreq(base: number, dim: number): Float32Array {
+  const out = new Float32Array(dim / 2);
+  for (let i = 0; i < dim / 2; i++) {
+    const exponent = Math.fround(Math.fround(2 * i) / Math.fround(dim));
+    out[i] = Math.fround(1 / Math.fround(Math.pow(base, exponent)));
+  }
+  return out;
+}

@@ -1,0 +1,204 @@
+/**
+ * `decoder_model_merged.onnx`: the Qwen2 language model of Qwen2-VL with its KV cache, in the
+ * onnx-community / transformers.js layout.
+ *
+ * inputs   inputs_embeds [batch, seq, H] · attention_mask int64 [batch, past+seq] ·
+ *          position_ids int64 [3, batch, seq] (M-RoPE t/h/w) ·
+ *          past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim] (past may be 0)
+ * outputs  logits [batch, 1 | seq, vocab] · present.{i}.key / .value [batch, kv_heads, past+seq, head_dim]
+ *
+ * Mirrors transformers' Qwen2VLForConditionalGeneration language path (v4.46.1, eager attention):
+ * `model.layers.N` = input_layernorm → self_attn (q/k/v with bias, M-RoPE, GQA, causal+padding mask,
+ * float32 softmax) → residual → post_attention_layernorm → mlp (SwiGLU) → residual; `model.norm`;
+ * `lm_head` (tied to `model.embed_tokens` unless the config says otherwise).
+ */
+import type { Value } from "../onnx/index.ts";
+import { ConvertError, F32_MIN, type ModuleEmitter, ropeInvFreq } from "./common.ts";
+
+/** The text-model settings the decoder needs (a subset of the checkpoint module's `Qwen2VLConfig.text`). */
+export interface DecoderConfig {
+  hidden_size: number;
+  num_hidden_layers: number;
+  num_attention_heads: number;
+  num_key_value_heads: number;
+  head_dim: number;
+  intermediate_size: number;
+  hidden_act: string;
+  rms_norm_eps: number;
+  rope_theta: number;
+  mrope_section: [number, number, number];
+  vocab_size: number;
+  tie_word_embeddings: boolean;
+}
+
+/** Decoder-specific options. */
+export interface DecoderOptions {
+  /** Logits of the last position only ([B, 1, V], default) or of every position ([B, S, V]). */
+  lastLogitsOnly?: boolean;
+  /** Quantize the LM head too when the dtype is int8/int4 (default true). */
+  quantizeLmHead?: boolean;
+}
+
+/** Symbolic dimension names (those transformers.js / onnx-community exports use). */
+export const DIMS = {
+  batch: "batch_size",
+  seq: "sequence_length",
+  past: "past_sequence_length",
+  total: "total_sequence_length",
+} as const;
+
+/** Position-derived tensors shared by all layers. */
+interface AttentionInputs {
+  /** [B, 1, S, hd] in the float type. */
+  cos: Value;
+  sin: Value;
+  /** Additive mask [B, 1, 1, S, T] float32: 0 where attending is allowed, float32 min elsewhere. */
+  bias: Value;
+}
+
+/**
+ * M-RoPE cos/sin: `inv_freq ⊗ position_ids` per axis ([3, B, S, hd/2]); the last dim is split by
+ * `mrope_section` and chunk i comes from axis i (t, h, w); duplicated to hd like `cat(freqs, freqs)`.
+ */
+function mropeCosSin(e: ModuleEmitter, positionIds: Value, cfg: DecoderConfig): { cos: Value; sin: Value } {
+  const g = e.g;
+  return g.within("model/rotary_emb", () => {
+    const invFreq = g.constant("float32", ropeInvFreq(cfg.rope_theta, cfg.head_dim));
+    const pos = g.op("Unsqueeze", [g.op("Cast", [positionIds], { to: 1 }), g.i64([-1])]); // [3,B,S,1]
+    const freqs = g.op("Mul", [pos, invFreq]); // [3,B,S,hd/2]
+    const parts: Value[] = [];
+    let off = 0;
+    cfg.mrope_section.forEach((len, axis) => {
+      if (len === 0) return;
+      parts.push(g.op("Slice", [freqs, g.i64([axis, off]), g.i64([axis + 1, off + len]), g.i64([0, 3])]));
+      off += len;
+    });
+    const sel = g.op("Squeeze", [parts.length === 1 ? parts[0]! : g.op("Concat", parts, { axis: -1 }), g.i64([0])]); // [B,S,hd/2]
+    const emb = g.op("Unsqueeze", [g.op("Concat", [sel, sel], { axis: -1 }), g.i64([1])]); // [B,1,S,hd]
+    return { cos: e.fromF32(g.op("Cos", [emb])), sin: e.fromF32(g.op("Sin", [emb])) };
+  });
+}
+
+/**
+ * The additive attention mask: key j is visible to query i (absolute position past+i) iff j ≤ past+i
+ * and attention_mask[b, j] = 1. Masked entries get float32 min (not −inf), as transformers does, so a
+ * fully padded query row stays finite.
+ */
+function attentionBias(e: ModuleEmitter, attentionMask: Value, inputsEmbeds: Value): Value {
+  const g = e.g;
+  return g.within("model/causal_mask", () => {
+    const total = g.op("Squeeze", [g.op("Shape", [attentionMask], { start: 1, end: 2 }), g.i64([0])]);
+    const seq = g.op("Squeeze", [g.op("Shape", [inputsEmbeds], { start: 1, end: 2 }), g.i64([0])]);
+    const past = g.op("Sub", [total, seq]);
+    const one = g.i64Scalar(1);
+    const qPos = g.op("Unsqueeze", [g.op("Range", [past, total, one]), g.i64([1])]); // [S,1]
+    const kPos = g.op("Unsqueeze", [g.op("Range", [g.i64Scalar(0), total, one]), g.i64([0])]); // [1,T]
+    const causal = g.op("LessOrEqual", [kPos, qPos]); // [S,T]
+    const padding = g.op("Unsqueeze", [g.op("Cast", [attentionMask], { to: 9 }), g.i64([1, 2])]); // [B,1,1,T]
+    const allowed = g.op("And", [causal, padding]); // [B,1,S,T]
+    const bias = g.op("Where", [allowed, g.f32Scalar(0), g.f32Scalar(F32_MIN)]);
+    return g.op("Unsqueeze", [bias, g.i64([1])]); // [B,1,1,S,T] to broadcast over (kv_heads, groups)
+  });
+}
+
+/** `model.layers.N.self_attn`; returns the attention output and the present key/value. */
+function selfAttention(e: ModuleEmitter, x: Value, i: number, cfg: DecoderConfig, at: AttentionInputs, pastK: Value, pastV: Value) {
+  const g = e.g;
+  const p = `model.layers.${i}.self_attn`;
+  const nH = cfg.num_attention_heads;
+  const kvH = cfg.num_key_value_heads;
+  const hd = cfg.head_dim;
+  const groups = nH / kvH;
+  const q = e.linear(x, `${p}.q_proj`, { bias: true });
+  const k = e.linear(x, `${p}.k_proj`, { bias: true });
+  const v = e.linear(x, `${p}.v_proj`, { bias: true });
+  return g.within(p, () => {
+    // [B,S,heads·hd] → [B,heads,S,hd]
+    const heads = (t: Value, n: number) => g.op("Transpose", [g.op("Reshape", [t, g.i64([0, 0, n, hd])])], { perm: [0, 2, 1, 3] });
+    const qr = e.rotary(heads(q, nH), at.cos, at.sin, hd);
+    const kr = e.rotary(heads(k, kvH), at.cos, at.sin, hd);
+    const presentK = g.op("Concat", [pastK, kr], { axis: 2 });
+    const presentV = g.op("Concat", [pastV, heads(v, kvH)], { axis: 2 });
+    // GQA without copying K/V: q [B,kvH,groups,S,hd] against k/v [B,kvH,1,T,hd].
+    const q5 = g.op("Reshape", [qr, g.i64([0, kvH, groups, -1, hd])]);
+    const k5t = g.op("Transpose", [g.op("Unsqueeze", [presentK, g.i64([2])])], { perm: [0, 1, 2, 4, 3] });
+    const v5 = g.op("Unsqueeze", [presentV, g.i64([2])]);
+    const scores = g.op("Div", [g.op("MatMul", [q5, k5t]), e.constant([Math.sqrt(hd)], [])]);
+    const probs = e.fromF32(g.op("Softmax", [g.op("Add", [e.toF32(scores), at.bias])], { axis: -1 }));
+    const ctx = g.op("MatMul", [probs, v5]); // [B,kvH,groups,S,hd]
+    const merged = g.op("Reshape", [
+      g.op("Transpose", [g.op("Reshape", [ctx, g.i64([0, nH, -1, hd])])], { perm: [0, 2, 1, 3] }),
+      g.i64([0, 0, nH * hd]),
+    ]);
+    const out = e.linear(merged, `${p}.o_proj`, { bias: false });
+    return { out, presentK, presentV };
+  });
+}
+
+/** Activation functions of the text MLP (config `hidden_act`). */
+function textAct(e: ModuleEmitter, x: Value, act: string): Value {
+  const g = e.g;
+  if (act === "silu" || act === "swish") return g.op("Mul", [x, g.op("Sigmoid", [x])]);
+  throw new ConvertError("unsupported", `hidden_act ${JSON.stringify(act)} is not supported (silu)`);
+}
+
+/** `model.layers.N.mlp`: down_proj(act(gate_proj(x)) · up_proj(x)). */
+function mlp(e: ModuleEmitter, x: Value, i: number, cfg: DecoderConfig): Value {
+  const p = `model.layers.${i}.mlp`;
+  const gate = e.linear(x, `${p}.gate_proj`, { bias: false });
+  const up = e.linear(x, `${p}.up_proj`, { bias: false });
+  const h = e.g.within(p, () => e.g.op("Mul", [textAct(e, gate, cfg.hidden_act), up]));
+  return e.linear(h, `${p}.down_proj`, { bias: false });
+}
+
+/** Builds the decoder graph into `e.g`. */
+export function buildDecoder(e: ModuleEmitter, cfg: DecoderConfig, opts: DecoderOptions = {}): void {
+  const g = e.g;
+  const { batch, seq, past, total } = DIMS;
+  const H = cfg.hidden_size;
+  if (cfg.num_attention_heads % cfg.num_key_value_heads !== 0) {
+    throw new ConvertError("unsupported", `num_attention_heads ${cfg.num_attention_heads} is not a multiple of num_key_value_heads ${cfg.num_key_value_heads}`);
+  }
+  if (cfg.hidden_act !== "silu" && cfg.hidden_act !== "swish") {
+    throw new ConvertError("unsupported", `hidden_act ${JSON.stringify(cfg.hidden_act)} is not supported (silu)`);
+  }
+  const inputsEmbeds = g.input("inputs_embeds", e.float, [batch, seq, H]);
+  const attentionMask = g.input("attention_mask", "int64", [batch, total]);
+  const positionIds = g.input("position_ids", "int64", [3, batch, seq]);
+  const pastKV: Array<[Value, Value]> = [];
+  for (let i = 0; i < cfg.num_hidden_layers; i++) {
+    const shape = [batch, cfg.num_key_value_heads, past, cfg.head_dim];
+    pastKV.push([g.input(`past_key_values.${i}.key`, e.float, shape), g.input(`past_key_values.${i}.value`, e.float, shape)]);
+  }
+
+  const { cos, sin } = mropeCosSin(e, positionIds, cfg);
+  const at: AttentionInputs = { cos, sin, bias: attentionBias(e, attentionMask, inputsEmbeds) };
+
+  let h = inputsEmbeds;
+  const presents: Array<[Value, Value]> = [];
+  for (let i = 0; i < cfg.num_hidden_layers; i++) {
+    const p = `model.layers.${i}`;
+    const normed = e.rmsNorm(h, `${p}.input_layernorm`, cfg.rms_norm_eps);
+    const attn = selfAttention(e, normed, i, cfg, at, pastKV[i]![0], pastKV[i]![1]);
+    presents.push([attn.presentK, attn.presentV]);
+    h = g.within(p, () => g.op("Add", [h, attn.out]));
+    const normed2 = e.rmsNorm(h, `${p}.post_attention_layernorm`, cfg.rms_norm_eps);
+    const m = mlp(e, normed2, i, cfg);
+    h = g.within(p, () => g.op("Add", [h, m]));
+  }
+  const lastOnly = opts.lastLogitsOnly ?? true;
+  // The norm and LM head are per position: slicing first keeps [S, vocab] from ever existing.
+  if (lastOnly) h = g.within("model", () => g.op("Slice", [h, g.i64([-1]), g.i64([Number.MAX_SAFE_INTEGER]), g.i64([1])]));
+  h = e.rmsNorm(h, "model.norm", cfg.rms_norm_eps);
+  const logits = e.linear(h, "lm_head", {
+    bias: false,
+    quantize: opts.quantizeLmHead ?? true,
+    ...(cfg.tie_word_embeddings ? { weight: "model.embed_tokens.weight" } : {}),
+  });
+  g.output(logits, "logits", e.float, [batch, lastOnly ? 1 : seq, cfg.vocab_size]);
+  presents.forEach(([k, v], i) => {
+    const shape = [batch, cfg.num_key_value_heads, total, cfg.head_dim];
+    g.output(k, `present.${i}.key`, e.float, shape);
+    g.output(v, `present.${i}.value`, e.float, shape);
+  });
+}

@@ -1,0 +1,306 @@
+/**
+ * Qwen2-VL checkpoint → ONNX folder in the onnx-community / transformers.js layout:
+ *
+ *   vision_encoder.onnx        pixel_values, grid_thw → image_features
+ *   embed_tokens.onnx          input_ids → inputs_embeds
+ *   decoder_model_merged.onnx  inputs_embeds, attention_mask, position_ids, past_key_values.* → logits, present.*
+ *   <graph>.onnx_data          external tensor data, when a graph exceeds protobuf's 2 GiB (or when asked)
+ *   config.json, generation_config.json, preprocessor_config.json, tokenizer.json, tokenizer_config.json,
+ *   chat_template.json         copied from the checkpoint when present
+ *   manifest.json              source files + hashes, dtype, graph versions, opsets, I/O, creation time
+ *
+ * Writing is atomic: everything goes into `<out>.tmp-<pid>` and is renamed into place at the end; on any
+ * error the temporary folder is removed. Graphs are fully built (and the config/weights validated) before
+ * the first byte is written; tensors are then streamed one at a time.
+ */
+import { createHash } from "node:crypto";
+import { createReadStream } from "node:fs";
+import { copyFile, mkdir, open, readdir, rename, rm, stat, writeFile } from "node:fs/promises";
+import { basename, join, resolve } from "node:path";
+import { type Qwen2VLConfig, type ResolveOptions, loadQwen2VLCheckpoint } from "../checkpoint/index.ts";
+import { DEFAULT_OPSET, GraphBuilder, IR_VERSION, type ModelSpec, type ValueInfoSpec, writeModel } from "../onnx/index.ts";
+import { type BuildOptions, CONVERT_DTYPES, type ConvertDtype, ConvertError, ModuleEmitter, type TensorSource, floatTypeOf, quantConfigFor } from "./common.ts";
+import { buildDecoder } from "./decoder.ts";
+import { buildEmbedTokens } from "./embed.ts";
+import type { QuantConfig } from "./quantize.ts";
+import { buildVisionEncoder } from "./vision.ts";
+
+export { CONVERT_DTYPES, type ConvertDtype, ConvertError, type TensorSource } from "./common.ts";
+export type { QuantConfig } from "./quantize.ts";
+
+/** Graph files and the version of each graph's contract (bump when inputs/outputs or semantics change). */
+export const GRAPHS = {
+  vision_encoder: { file: "vision_encoder.onnx", version: 1 },
+  embed_tokens: { file: "embed_tokens.onnx", version: 1 },
+  decoder_model_merged: { file: "decoder_model_merged.onnx", version: 1 },
+} as const;
+
+/** Graph names. */
+export type GraphName = keyof typeof GRAPHS;
+
+/** Non-weight files copied beside the graphs when the checkpoint has them. */
+export const SIDE_FILES = [
+  "config.json",
+  "generation_config.json",
+  "preprocessor_config.json",
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "chat_template.json",
+] as const;
+
+/** Version of manifest.json's layout. */
+export const MANIFEST_FORMAT_VERSION = 1;
+
+/** Conversion progress, reported after every tensor. */
+export interface ConvertProgress {
+  graph: GraphName;
+  /** Initializer bytes written so far, over all graphs. */
+  doneBytes: number;
+  totalBytes: number;
+}
+
+/** Options of {@link convertModel}. */
+export interface ConvertOptions {
+  /** Checkpoint folder or Hugging Face Hub id. */
+  model: string;
+  /** Output folder (must not exist or be empty, unless `overwrite`). */
+  outDir: string;
+  /** Default fp32. */
+  dtype?: ConvertDtype;
+  /** int8/int4 settings (block size 32 or 128, symmetric, accuracy level). */
+  quant?: Partial<Omit<QuantConfig, "bits">>;
+  /** Decoder outputs logits of the last position only (default true). */
+  lastLogitsOnly?: boolean;
+  /** int8/int4: quantize the LM head as well (default true). */
+  quantizeLmHead?: boolean;
+  /** External data: `"auto"` (default: only graphs above 2 GiB), `true` (every graph) or `false`. */
+  externalData?: boolean | "auto";
+  /** Replace an existing output folder. */
+  overwrite?: boolean;
+  /** Hash whole safetensors files for the manifest (slow for large models); default: headers only. */
+  hashWholeFiles?: boolean;
+  /** Hub download options (cache dir, revision, token). */
+  resolve?: ResolveOptions;
+  onProgress?: (p: ConvertProgress) => void;
+}
+
+/** One written graph, as listed in the manifest. */
+export interface ManifestGraph {
+  file: string;
+  version: number;
+  bytes: number;
+  data_file?: string;
+  data_bytes?: number;
+  inputs: Array<{ name: string; type: string; shape: Array<number | string> | null }>;
+  outputs: Array<{ name: string; type: string; shape: Array<number | string> | null }>;
+}
+
+/** manifest.json. */
+export interface ConvertManifest {
+  format: "qwen2-vl-onnx";
+  format_version: number;
+  created: string;
+  converter: { name: string; opset: Record<string, number>; ir_version: number };
+  source: {
+    model: string;
+    dir: string;
+    architecture: string;
+    torch_dtype: string;
+    files: Array<{ name: string; bytes: number; sha256: string; hashed: "header" | "file" }>;
+  };
+  dtype: ConvertDtype;
+  /** Element type of the graphs' float inputs/outputs (float16 for fp16, else float32). */
+  io_float_type: "float32" | "float16";
+  quantization: (QuantConfig & { method: "MatMulNBits"; applies_to: string }) | null;
+  decoder: {
+    last_logits_only: boolean;
+    num_hidden_layers: number;
+    num_key_value_heads: number;
+    head_dim: number;
+    hidden_size: number;
+    vocab_size: number;
+  };
+  graphs: Record<GraphName, ManifestGraph>;
+  copied_files: string[];
+}
+
+/** What {@link convertModel} did. */
+export interface ConvertResult {
+  outDir: string;
+  manifest: ConvertManifest;
+  seconds: number;
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await stat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** sha256 of a safetensors file's 8-byte length + JSON header (names, dtypes, shapes, offsets). */
+async function headerSha256(file: string): Promise<string> {
+  const fh = await open(file, "r");
+  try {
+    const len = Buffer.alloc(8);
+    await fh.read(len, 0, 8, 0);
+    const n = Number(len.readBigUInt64LE(0));
+    const header = Buffer.alloc(n);
+    await fh.read(header, 0, n, 8);
+    return createHash("sha256").update(len).update(header).digest("hex");
+  } finally {
+    await fh.close();
+  }
+}
+
+async function fileSha256(file: string): Promise<string> {
+  const h = createHash("sha256");
+  for await (const chunk of createReadStream(file, { highWaterMark: 1 << 22 })) h.update(chunk as Buffer);
+  return h.digest("hex");
+}
+
+/** Rejects configs the graph builders cannot express (activations are checked by the builders themselves). */
+function checkSupported(config: Qwen2VLConfig): void {
+  if (config.vision.head_dim % 4 !== 0) {
+    throw new ConvertError("unsupported", `vision head_dim ${config.vision.head_dim} must be a multiple of 4 (2-D rotary: half for rows, half for columns)`);
+  }
+}
+
+function graphModel(name: GraphName, build: (e: ModuleEmitter) => void, weights: TensorSource, opts: BuildOptions): ModelSpec {
+  const g = new GraphBuilder(name);
+  build(new ModuleEmitter(g, weights, opts));
+  return g.model({
+    metadata: { graph: name, graph_version: String(GRAPHS[name].version), dtype: opts.dtype },
+    docString: `Qwen2-VL ${name} (${opts.dtype})`,
+  });
+}
+
+/**
+ * Builds the three graphs of a checkpoint without writing anything (the config and all tensor shapes are
+ * validated on the way). Tensor data is read only when the returned specs are written.
+ */
+export function buildGraphs(
+  config: Qwen2VLConfig,
+  weights: TensorSource,
+  opts: BuildOptions & { lastLogitsOnly?: boolean; quantizeLmHead?: boolean },
+): Record<GraphName, ModelSpec> {
+  checkSupported(config);
+  const build: BuildOptions = { dtype: opts.dtype, ...(opts.quant ? { quant: opts.quant } : {}) };
+  return {
+    vision_encoder: graphModel("vision_encoder", (e) => buildVisionEncoder(e, config.vision), weights, build),
+    embed_tokens: graphModel("embed_tokens", (e) => buildEmbedTokens(e), weights, build),
+    decoder_model_merged: graphModel(
+      "decoder_model_merged",
+      (e) => buildDecoder(e, config.text, { lastLogitsOnly: opts.lastLogitsOnly ?? true, quantizeLmHead: opts.quantizeLmHead ?? true }),
+      weights,
+      build,
+    ),
+  };
+}
+
+function ioOf(v: ValueInfoSpec[]): ManifestGraph["inputs"] {
+  return v.map((x) => ({ name: x.name, type: x.type, shape: x.shape }));
+}
+
+/** Converts a Qwen2-VL checkpoint into an ONNX folder (see the module comment for the layout). */
+export async function convertModel(options: ConvertOptions): Promise<ConvertResult> {
+  const t0 = performance.now();
+  const dtype = options.dtype ?? "fp32";
+  if (!CONVERT_DTYPES.includes(dtype)) throw new ConvertError("bad_options", `dtype must be one of ${CONVERT_DTYPES.join(", ")}, got ${JSON.stringify(dtype)}`);
+  const quantizer = quantConfigFor({ dtype, ...(options.quant ? { quant: options.quant } : {}) });
+  const outDir = resolve(options.outDir);
+  let outExists = false;
+  if (await exists(outDir)) {
+    const empty = (await stat(outDir)).isDirectory() && (await readdir(outDir)).length === 0;
+    if (!empty && !options.overwrite) throw new ConvertError("output_exists", `${outDir}: already exists and is not empty (pass overwrite to replace it)`);
+    outExists = true;
+  }
+
+  const ckpt = await loadQwen2VLCheckpoint(options.model, options.resolve ?? {});
+  const tmp = `${outDir}.tmp-${process.pid}`;
+  try {
+    const lastLogitsOnly = options.lastLogitsOnly ?? true;
+    const quantizeLmHead = options.quantizeLmHead ?? true;
+    const buildOpts = { dtype, lastLogitsOnly, quantizeLmHead, ...(options.quant ? { quant: options.quant } : {}) };
+    // Everything is validated while building; nothing has been written yet.
+    const models = buildGraphs(ckpt.config, ckpt.weights, buildOpts);
+
+    await rm(tmp, { recursive: true, force: true });
+    await mkdir(tmp, { recursive: true });
+    const totalBytes = Object.values(models).reduce((s, m) => s + m.graph.initializers.reduce((a, t) => a + t.data.byteLength, 0), 0);
+    let before = 0;
+    const graphs = {} as Record<GraphName, ManifestGraph>;
+    for (const name of Object.keys(GRAPHS) as GraphName[]) {
+      const spec = models[name];
+      const res = await writeModel(join(tmp, GRAPHS[name].file), spec, {
+        externalData: options.externalData ?? "auto",
+        onProgress: (done) => options.onProgress?.({ graph: name, doneBytes: before + done, totalBytes }),
+      });
+      before += spec.graph.initializers.reduce((a, t) => a + t.data.byteLength, 0);
+      graphs[name] = {
+        file: GRAPHS[name].file,
+        version: GRAPHS[name].version,
+        bytes: res.modelBytes,
+        ...(res.dataPath ? { data_file: basename(res.dataPath), data_bytes: res.dataBytes } : {}),
+        inputs: ioOf(spec.graph.inputs),
+        outputs: ioOf(spec.graph.outputs),
+      };
+    }
+
+    const copied: string[] = [];
+    for (const f of SIDE_FILES) {
+      const src = join(ckpt.dir, f);
+      if (await exists(src)) {
+        await copyFile(src, join(tmp, f));
+        copied.push(f);
+      }
+    }
+
+    const files: ConvertManifest["source"]["files"] = [];
+    for (const f of ckpt.weights.files) {
+      const whole = options.hashWholeFiles ?? false;
+      files.push({ name: basename(f), bytes: (await stat(f)).size, sha256: whole ? await fileSha256(f) : await headerSha256(f), hashed: whole ? "file" : "header" });
+    }
+    const t = ckpt.config.text;
+    const manifest: ConvertManifest = {
+      format: "qwen2-vl-onnx",
+      format_version: MANIFEST_FORMAT_VERSION,
+      created: new Date().toISOString(),
+      converter: { name: "medvlm-r1-serving gpu-backend/src/convert", opset: { "": DEFAULT_OPSET, ...(quantizer ? { "com.microsoft": 1 } : {}) }, ir_version: IR_VERSION },
+      source: { model: options.model, dir: ckpt.dir, architecture: ckpt.config.architecture, torch_dtype: ckpt.config.torch_dtype, files },
+      dtype,
+      io_float_type: floatTypeOf(dtype),
+      quantization: quantizer
+        ? { method: "MatMulNBits", applies_to: quantizeLmHead ? "decoder linear layers and lm_head" : "decoder linear layers (lm_head float32)", ...quantizer }
+        : null,
+      decoder: {
+        last_logits_only: lastLogitsOnly,
+        num_hidden_layers: t.num_hidden_layers,
+        num_key_value_heads: t.num_key_value_heads,
+        head_dim: t.head_dim,
+        hidden_size: t.hidden_size,
+        vocab_size: t.vocab_size,
+      },
+      graphs,
+      copied_files: copied,
+    };
+    await writeFile(join(tmp, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n");
+
+    // Swap in only now: a crash before this point leaves at most the temporary folder.
+    let old: string | undefined;
+    if (outExists) {
+      old = `${outDir}.old-${process.pid}`;
+      await rename(outDir, old);
+    }
+    await rename(tmp, outDir);
+    if (old) await rm(old, { recursive: true, force: true });
+    return { outDir, manifest, seconds: (performance.now() - t0) / 1000 };
+  } catch (e) {
+    await rm(tmp, { recursive: true, force: true });
+    throw e;
+  } finally {
+    await ckpt.weights.close();
+  }
+}

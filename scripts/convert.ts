@@ -1,0 +1,140 @@
+/**
+ * Converts a Qwen2-VL checkpoint (local folder or Hugging Face Hub id) into ONNX graphs (onnx-community layout).
+ *
+ *   npx tsx scripts/convert.ts --model <folder|hub id> --out <folder> [--dtype fp32|fp16|int8|int4]
+ *       [--block-size 32|128] [--symmetric] [--accuracy-level 0..4] [--no-quantize-lm-head]
+ *       [--full-logits] [--external-data auto|always|never] [--hash-files] [--overwrite]
+ *
+ * A progress bar on a TTY, one summary line otherwise. Exit status 0 on success, 1 when the conversion fails
+ * (the message names the tensor/file/setting; nothing is left half-written), 2 for usage errors.
+ */
+import { pathToFileURL } from "node:url";
+import { parseArgs } from "node:util";
+import { CheckpointError, formatBytes } from "../gpu-backend/src/checkpoint/index.ts";
+import { CONVERT_DTYPES, type ConvertDtype, ConvertError, type ConvertOptions, convertModel } from "../gpu-backend/src/convert/index.ts";
+
+const USAGE =
+  "usage: npx tsx scripts/convert.ts --model <folder|hub id> --out <folder> [--dtype fp32|fp16|int8|int4] " +
+  "[--block-size N] [--symmetric] [--accuracy-level 0..4] [--no-quantize-lm-head] [--full-logits] " +
+  "[--external-data auto|always|never] [--hash-files] [--overwrite]";
+
+/** Where the CLI writes (injectable for tests). */
+export interface CliIO {
+  stdout: (s: string) => void;
+  stderr: (s: string) => void;
+  isTTY: boolean;
+  columns?: number;
+}
+
+const processIO: CliIO = {
+  stdout: (s) => void process.stdout.write(s),
+  stderr: (s) => void process.stderr.write(s),
+  isTTY: process.stderr.isTTY === true,
+  columns: process.stderr.columns,
+};
+
+/** Runs the converter CLI on `argv` (without node/script); returns the exit status. */
+export async function runConvertCli(argv: string[], io: CliIO = processIO): Promise<number> {
+  const usage = (msg: string): number => {
+    io.stderr(`${msg}\n${USAGE}\n`);
+    return 2;
+  };
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args: argv,
+      options: {
+        model: { type: "string" },
+        out: { type: "string" },
+        dtype: { type: "string", default: "fp32" },
+        "block-size": { type: "string" },
+        symmetric: { type: "boolean", default: false },
+        "accuracy-level": { type: "string" },
+        "no-quantize-lm-head": { type: "boolean", default: false },
+        "full-logits": { type: "boolean", default: false },
+        "external-data": { type: "string", default: "auto" },
+        "hash-files": { type: "boolean", default: false },
+        overwrite: { type: "boolean", default: false },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    }));
+  } catch (e) {
+    return usage((e as Error).message);
+  }
+  if (values.help) {
+    io.stdout(`${USAGE}\n`);
+    return 0;
+  }
+  if (!values.model || !values.out) return usage("--model and --out are required");
+  const dtype = values.dtype as ConvertDtype;
+  if (!CONVERT_DTYPES.includes(dtype)) return usage(`--dtype must be one of ${CONVERT_DTYPES.join(", ")}, got ${values.dtype}`);
+  const ext = values["external-data"];
+  if (ext !== "auto" && ext !== "always" && ext !== "never") return usage(`--external-data must be auto, always or never, got ${ext}`);
+  const quant: NonNullable<ConvertOptions["quant"]> = {};
+  if (values["block-size"] !== undefined) {
+    const n = Number(values["block-size"]);
+    if (!Number.isInteger(n)) return usage(`--block-size must be an integer, got ${values["block-size"]}`);
+    quant.blockSize = n;
+  }
+  if (values["accuracy-level"] !== undefined) {
+    const n = Number(values["accuracy-level"]);
+    if (!Number.isInteger(n)) return usage(`--accuracy-level must be an integer, got ${values["accuracy-level"]}`);
+    quant.accuracyLevel = n;
+  }
+  if (values.symmetric) quant.symmetric = true;
+
+  const started = performance.now();
+  let lastDraw = 0;
+  let drew = false;
+  try {
+    const res = await convertModel({
+      model: values.model,
+      outDir: values.out,
+      dtype,
+      quant,
+      lastLogitsOnly: !values["full-logits"],
+      quantizeLmHead: !values["no-quantize-lm-head"],
+      externalData: ext === "auto" ? "auto" : ext === "always",
+      hashWholeFiles: values["hash-files"],
+      overwrite: values.overwrite,
+      ...(io.isTTY
+        ? {
+            onProgress: (p) => {
+              const now = performance.now();
+              if (now - lastDraw < 100 && p.doneBytes < p.totalBytes) return;
+              lastDraw = now;
+              drew = true;
+              const frac = p.totalBytes > 0 ? p.doneBytes / p.totalBytes : 1;
+              const width = 30;
+              const fill = Math.round(frac * width);
+              const line = `[${"#".repeat(fill)}${"-".repeat(width - fill)}] ${(frac * 100).toFixed(1).padStart(5)}% ${formatBytes(p.doneBytes)}/${formatBytes(p.totalBytes)} ${p.graph}`;
+              io.stderr(`\r${line.slice(0, (io.columns || 120) - 1)}\x1b[K`);
+            },
+          }
+        : {}),
+    });
+    if (drew) io.stderr("\n");
+    const m = res.manifest;
+    const files = Object.values(m.graphs)
+      .map((g) => `${g.file} ${formatBytes(g.bytes + (g.data_bytes ?? 0))}${g.data_file ? ` (+${g.data_file})` : ""}`)
+      .join(", ");
+    const rss = process.resourceUsage().maxRSS / 1024;
+    io.stdout(
+      `converted ${values.model} → ${res.outDir} (${m.dtype}${m.quantization ? `, ${m.quantization.bits}-bit block ${m.quantization.blockSize}` : ""}) ` +
+        `in ${((performance.now() - started) / 1000).toFixed(1)} s: ${files}; peak RSS ${rss.toFixed(0)} MB\n`,
+    );
+    return 0;
+  } catch (e) {
+    if (drew) io.stderr("\n");
+    if (e instanceof ConvertError || e instanceof CheckpointError) {
+      io.stderr(`convert failed [${e.code}]: ${e.message}\n`);
+      return 1;
+    }
+    io.stderr(`convert failed: ${(e as Error).stack ?? String(e)}\n`);
+    return 1;
+  }
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  process.exitCode = await runConvertCli(process.argv.slice(2));
+}

@@ -1,0 +1,164 @@
+/**
+ * scripts/convert.ts and convertModel's failure behaviour: typed errors naming the problem, nothing
+ * half-written (no output folder, no temporary folder), existing output untouched.
+ */
+import { execFile } from "node:child_process";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { afterAll, describe, expect, it } from "vitest";
+import { CheckpointError } from "../../gpu-backend/src/checkpoint/index.ts";
+import { ConvertError, convertModel } from "../../gpu-backend/src/convert/index.ts";
+import { type CliIO, runConvertCli } from "../../scripts/convert.ts";
+import { GOLDEN_DIR, PROJECT_ROOT } from "../support/golden.ts";
+
+const TINY = join(GOLDEN_DIR, "tiny-a");
+const tmp = mkdtempSync(join(tmpdir(), "convert-cli-"));
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+function io(isTTY: boolean): CliIO & { out: string; err: string } {
+  const r = { out: "", err: "", isTTY, columns: 200, stdout: (s: string) => void (r.out += s), stderr: (s: string) => void (r.err += s) };
+  return r;
+}
+
+/** A copy of tiny-a whose config.json is edited (weights symlinked, not copied). */
+function variant(name: string, edit: (cfg: Record<string, unknown>) => void): string {
+  const dir = join(tmp, name);
+  mkdirSync(dir);
+  for (const f of readdirSync(TINY)) {
+    if (f === "config.json") continue;
+    symlinkSync(join(TINY, f), join(dir, f));
+  }
+  const cfg = JSON.parse(readFileSync(join(TINY, "config.json"), "utf8"));
+  edit(cfg);
+  writeFileSync(join(dir, "config.json"), JSON.stringify(cfg));
+  return dir;
+}
+
+/** Nothing named like the output (or its temporary/backup folders) exists. */
+function nothingWritten(out: string): void {
+  const base = out.split("/").pop()!;
+  expect(readdirSync(tmp).filter((f) => f.startsWith(base))).toEqual([]);
+}
+
+describe("convert CLI", () => {
+  it("converts (non-TTY: one summary line, no progress) with quantization options", async () => {
+    const out = join(tmp, "int8");
+    const o = io(false);
+    expect(await runConvertCli(["--model", TINY, "--out", out, "--dtype", "int8", "--block-size", "64", "--accuracy-level", "0"], o)).toBe(0);
+    expect(o.err).toBe("");
+    expect(o.out.split("\n").filter(Boolean)).toHaveLength(1);
+    expect(o.out).toMatch(/^converted .* \(int8, 8-bit block 64\) in [\d.]+ s: vision_encoder\.onnx .*decoder_model_merged\.onnx/);
+    const m = JSON.parse(readFileSync(join(out, "manifest.json"), "utf8"));
+    expect(m.quantization).toMatchObject({ method: "MatMulNBits", bits: 8, blockSize: 64, accuracyLevel: 0, symmetric: false });
+    expect(m.converter.opset).toEqual({ "": 17, "com.microsoft": 1 });
+  });
+
+  it("draws a progress bar on a TTY", async () => {
+    const o = io(true);
+    expect(await runConvertCli(["--model", TINY, "--out", join(tmp, "tty"), "--dtype", "int4", "--no-quantize-lm-head"], o)).toBe(0);
+    expect(o.err).toContain("\r[");
+    expect(o.err).toContain("100.0%");
+    const m = JSON.parse(readFileSync(join(tmp, "tty", "manifest.json"), "utf8"));
+    expect(m.quantization.applies_to).toMatch(/lm_head float32/);
+  });
+
+  it("usage errors exit 2 naming the flag", async () => {
+    let o = io(false);
+    expect(await runConvertCli(["--model", TINY], o)).toBe(2);
+    expect(o.err).toMatch(/--model and --out are required/);
+    o = io(false);
+    expect(await runConvertCli(["--model", TINY, "--out", join(tmp, "x"), "--dtype", "bf16"], o)).toBe(2);
+    expect(o.err).toMatch(/--dtype must be one of fp32, fp16, int8, int4, got bf16/);
+    o = io(false);
+    expect(await runConvertCli(["--model", TINY, "--out", join(tmp, "x"), "--external-data", "sometimes"], o)).toBe(2);
+    o = io(false);
+    expect(await runConvertCli(["--bogus"], o)).toBe(2);
+    nothingWritten(join(tmp, "x"));
+  });
+
+  it("a bad block size is a bad_options error before anything is written", async () => {
+    const o = io(false);
+    expect(await runConvertCli(["--model", TINY, "--out", join(tmp, "bs"), "--dtype", "int4", "--block-size", "24"], o)).toBe(1);
+    expect(o.err).toMatch(/\[bad_options\].*block_size must be a power of two/);
+    nothingWritten(join(tmp, "bs"));
+  });
+
+  it("runs as a script (tsx entry point)", async () => {
+    const { stdout } = await promisify(execFile)(join(PROJECT_ROOT, "node_modules", ".bin", "tsx"), ["scripts/convert.ts", "--help"], { cwd: PROJECT_ROOT });
+    expect(stdout).toMatch(/^usage: npx tsx scripts\/convert\.ts --model/);
+  });
+});
+
+describe("convertModel failures leave nothing half-written", () => {
+  it("missing tensor: names it", async () => {
+    const src = variant("three-layers", (c) => (c["num_hidden_layers"] = 3));
+    const out = join(tmp, "missing");
+    const err = await convertModel({ model: src, outDir: out }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(CheckpointError);
+    expect((err as CheckpointError).code).toBe("missing_tensor");
+    expect((err as Error).message).toContain("model.layers.2.self_attn.q_proj.weight");
+    nothingWritten(out);
+  });
+
+  it("unsupported architecture: names it", async () => {
+    const src = variant("llama", (c) => {
+      c["architectures"] = ["LlamaForCausalLM"];
+      c["model_type"] = "llama";
+    });
+    const o = io(false);
+    expect(await runConvertCli(["--model", src, "--out", join(tmp, "llama-out")], o)).toBe(1);
+    expect(o.err).toMatch(/\[unsupported_architecture\].*model_type "llama" is not supported/);
+    nothingWritten(join(tmp, "llama-out"));
+  });
+
+  it("unsupported activation: names the setting", async () => {
+    const src = variant("relu", (c) => ((c["vision_config"] as Record<string, unknown>)["hidden_act"] = "relu"));
+    const err = await convertModel({ model: src, outDir: join(tmp, "relu-out") }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(ConvertError);
+    expect((err as ConvertError).code).toBe("unsupported");
+    expect((err as Error).message).toMatch(/vision_config\.hidden_act "relu"/);
+    nothingWritten(join(tmp, "relu-out"));
+  });
+
+  it("a failure in the middle of writing removes the temporary folder", async () => {
+    const out = join(tmp, "interrupted");
+    let calls = 0;
+    const err = await convertModel({
+      model: TINY,
+      outDir: out,
+      onProgress: (p) => {
+        if (++calls === 20) {
+          expect(existsSync(`${out}.tmp-${process.pid}`)).toBe(true);
+          throw new Error(`disk full at ${p.graph}`);
+        }
+      },
+    }).catch((e: unknown) => e);
+    expect((err as Error).message).toMatch(/disk full/);
+    nothingWritten(out);
+  });
+
+  it("an existing output folder is kept unless overwrite is given", async () => {
+    const out = join(tmp, "existing");
+    mkdirSync(out);
+    writeFileSync(join(out, "keep.txt"), "mine");
+    const err = await convertModel({ model: TINY, outDir: out }).catch((e: unknown) => e);
+    expect((err as ConvertError).code).toBe("output_exists");
+    expect(readdirSync(out)).toEqual(["keep.txt"]);
+    await convertModel({ model: TINY, outDir: out, overwrite: true, dtype: "int4" });
+    expect(existsSync(join(out, "keep.txt"))).toBe(false);
+    expect(JSON.parse(readFileSync(join(out, "manifest.json"), "utf8")).dtype).toBe("int4");
+    expect(readdirSync(tmp).filter((f) => f.startsWith("existing."))).toEqual([]);
+  });
+
+  it("hashes whole safetensors files on request", async () => {
+    const out = join(tmp, "hashed");
+    const res = await convertModel({ model: TINY, outDir: out, dtype: "int4", hashWholeFiles: true });
+    const { createHash } = await import("node:crypto");
+    expect(res.manifest.source.files[0]).toMatchObject({
+      hashed: "file",
+      sha256: createHash("sha256").update(readFileSync(join(TINY, "model.safetensors"))).digest("hex"),
+    });
+  });
+});

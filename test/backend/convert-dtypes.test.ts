@@ -1,0 +1,136 @@
+/**
+ * int8 / int4 (MatMulNBits) and fp16 conversions of tiny-a, measured against the golden decodes.
+ *
+ * These random tiny models have near-ties: over the 144 teacher-forced steps the golden top-1/top-2
+ * margin goes down to 1e-4, below int8's logit noise (~2e-2 here). So agreement is measured twice:
+ * over the forced decodes (every miss must be a step whose golden margin is below twice the measured
+ * logit error — i.e. a tie at this precision) and over the greedy paths (`steps`, margins ≥ 0.018),
+ * where int8 and fp16 must agree 100%.
+ */
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+import { type ConvertDtype, convertModel } from "../../gpu-backend/src/convert/index.ts";
+import { GOLDEN_DIR, loadGoldenCases, loadGoldenF32 } from "../support/golden.ts";
+import { QwenOnnx, maxAbsDiff, topK } from "./convert-support.ts";
+
+const TINY = join(GOLDEN_DIR, "tiny-a");
+const cases = loadGoldenCases();
+const tmp = mkdtempSync(join(tmpdir(), "convert-dtypes-"));
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+interface Metrics {
+  visionMaxAbs: number;
+  prefillMaxAbs: number;
+  /** Over the golden top-5 entries of every forced and greedy step (prefill included). */
+  stepMaxAbs: number;
+  forcedTop1: number;
+  forcedSteps: number;
+  /** Golden margins of the forced steps whose top-1 differs. */
+  forcedMissMargins: number[];
+  greedyTop1: number;
+  greedySteps: number;
+  decoderBytes: number;
+}
+
+async function measure(dtype: ConvertDtype): Promise<Metrics> {
+  const dir = join(tmp, dtype);
+  const res = await convertModel({ model: TINY, outDir: dir, dtype });
+  const m = await QwenOnnx.load(dir, res.manifest.decoder, dtype === "fp16");
+  const r: Metrics = {
+    visionMaxAbs: 0,
+    prefillMaxAbs: 0,
+    stepMaxAbs: 0,
+    forcedTop1: 0,
+    forcedSteps: 0,
+    forcedMissMargins: [],
+    greedyTop1: 0,
+    greedySteps: 0,
+    decoderBytes: res.manifest.graphs.decoder_model_merged.bytes,
+  };
+  try {
+    for (const c of cases) {
+      if (c.image_embeds) r.visionMaxAbs = Math.max(r.visionMaxAbs, maxAbsDiff((await m.imageFeatures(c)).data, loadGoldenF32(c.image_embeds.file)));
+      await m.forcedDecode(c, (k, logits) => {
+        const g = c.forced_decode.steps[k]!.top5;
+        if (k === 0) r.prefillMaxAbs = Math.max(r.prefillMaxAbs, maxAbsDiff(logits, loadGoldenF32(c.prefill_logits.file)));
+        for (const [id, v] of g) r.stepMaxAbs = Math.max(r.stepMaxAbs, Math.abs(logits[id]! - v));
+        r.forcedSteps++;
+        if (topK(logits, 1)[0] === g[0]![0]) r.forcedTop1++;
+        else r.forcedMissMargins.push(g[0]![1] - g[1]![1]);
+      });
+      await m.forcedDecode(
+        c,
+        (k, logits) => {
+          const g = c.steps[k]!.top5;
+          for (const [id, v] of g) r.stepMaxAbs = Math.max(r.stepMaxAbs, Math.abs(logits[id]! - v));
+          r.greedySteps++;
+          if (topK(logits, 1)[0] === c.generated_ids[k]) r.greedyTop1++;
+        },
+        c.generated_ids,
+        c.steps.length,
+      );
+    }
+  } finally {
+    await m.release();
+  }
+  console.log(
+    `[${dtype}] vision max|Δ| ${r.visionMaxAbs.toExponential(2)} · prefill logits max|Δ| ${r.prefillMaxAbs.toExponential(2)} · ` +
+      `step top-5 logits max|Δ| ${r.stepMaxAbs.toExponential(2)} · forced top-1 ${r.forcedTop1}/${r.forcedSteps} ` +
+      `(${missSummary(r.forcedMissMargins)}) · greedy top-1 ${r.greedyTop1}/${r.greedySteps} · ` +
+      `decoder ${(r.decoderBytes / 1e6).toFixed(1)} MB`,
+  );
+  return r;
+}
+
+function missSummary(margins: number[]): string {
+  if (margins.length === 0) return "no misses";
+  const sorted = [...margins].sort((a, b) => a - b);
+  const shown = sorted.slice(0, 6).map((x) => x.toFixed(5)).join(", ");
+  return `missed at golden margins ${shown}${sorted.length > 6 ? `, … (${sorted.length} misses, largest margin ${sorted.at(-1)!.toFixed(3)})` : ""}`;
+}
+
+/** Every forced-decode miss is a near-tie: golden margin below twice the measured logit error. */
+function missesAreTies(r: Metrics): void {
+  for (const margin of r.forcedMissMargins) expect(margin).toBeLessThan(2 * r.stepMaxAbs);
+}
+
+describe("quantized and fp16 conversions against the golden decodes", () => {
+  it("int8 (MatMulNBits, block 32, asymmetric, accuracy_level 4, LM head included)", async () => {
+    const r = await measure("int8");
+    const dec = readFileSync(join(tmp, "int8", "decoder_model_merged.onnx"));
+    expect(dec.includes("MatMulNBits")).toBe(true);
+    expect(dec.includes("com.microsoft")).toBe(true);
+    expect(dec.includes("q_proj.weight_T")).toBe(false); // no float copies of quantized weights
+    expect(dec.includes("lm_head.weight_Q8")).toBe(true);
+    expect(r.decoderBytes).toBeLessThan(12e6); // fp32 decoder: 40.5 MB (tied LM head 151936×64)
+    expect(r.visionMaxAbs).toBeLessThanOrEqual(1e-4); // vision stays float32
+    expect(r.prefillMaxAbs).toBeLessThan(0.05);
+    expect(r.stepMaxAbs).toBeLessThan(0.05);
+    expect(r.greedyTop1).toBe(r.greedySteps);
+    expect(r.forcedTop1 / r.forcedSteps).toBeGreaterThanOrEqual(0.95);
+    missesAreTies(r);
+  });
+
+  it("int4 (MatMulNBits, block 32, asymmetric)", async () => {
+    const r = await measure("int4");
+    expect(readFileSync(join(tmp, "int4", "decoder_model_merged.onnx")).includes("lm_head.weight_Q4")).toBe(true);
+    expect(r.decoderBytes).toBeLessThan(7e6);
+    // Regression guards around the measured values (4-bit on a 64-wide random model is coarse).
+    expect(r.stepMaxAbs).toBeLessThan(0.6);
+    expect(r.greedyTop1 / r.greedySteps).toBeGreaterThanOrEqual(0.9);
+    expect(r.forcedTop1 / r.forcedSteps).toBeGreaterThanOrEqual(0.5);
+  });
+
+  it("fp16 (float16 weights and I/O; norms and softmax in float32)", async () => {
+    const r = await measure("fp16");
+    const manifest = JSON.parse(readFileSync(join(tmp, "fp16", "manifest.json"), "utf8"));
+    expect(manifest.io_float_type).toBe("float16");
+    expect(manifest.graphs.decoder_model_merged.inputs[0]).toEqual({ name: "inputs_embeds", type: "float16", shape: ["batch_size", "sequence_length", 64] });
+    expect(r.visionMaxAbs).toBeLessThan(2e-3);
+    expect(r.stepMaxAbs).toBeLessThan(5e-3);
+    expect(r.greedyTop1).toBe(r.greedySteps);
+    missesAreTies(r);
+  });
+});

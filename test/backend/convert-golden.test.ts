@@ -1,0 +1,198 @@
+/**
+ * Proof that the converter reproduces transformers: /work/shared/golden/tiny-a converted to fp32 ONNX and
+ * run with onnxruntime against the golden vision features, prefill logits and teacher-forced decodes.
+ */
+import { createHash } from "node:crypto";
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { convertModel, type ConvertManifest } from "../../gpu-backend/src/convert/index.ts";
+import { GOLDEN_DIR, type GoldenCase, loadGoldenCases, loadGoldenF32 } from "../support/golden.ts";
+import { IMAGE_PAD_ID, QwenOnnx, maxAbsDiff, topK } from "./convert-support.ts";
+
+const TINY = join(GOLDEN_DIR, "tiny-a");
+const TOL = 1e-4;
+const cases = loadGoldenCases();
+const tmp = mkdtempSync(join(tmpdir(), "convert-golden-"));
+let manifest: ConvertManifest;
+let model: QwenOnnx;
+
+beforeAll(async () => {
+  const res = await convertModel({ model: TINY, outDir: join(tmp, "fp32"), dtype: "fp32" });
+  manifest = res.manifest;
+  model = await QwenOnnx.load(join(tmp, "fp32"), manifest.decoder);
+});
+afterAll(async () => {
+  await model?.release();
+  rmSync(tmp, { recursive: true, force: true });
+});
+
+describe("fp32 conversion of tiny-a", () => {
+  it("writes the onnx-community layout, side files and a manifest", () => {
+    const dir = join(tmp, "fp32");
+    expect(readdirSync(dir).sort()).toEqual(
+      [
+        "chat_template.json",
+        "config.json",
+        "decoder_model_merged.onnx",
+        "embed_tokens.onnx",
+        "generation_config.json",
+        "manifest.json",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vision_encoder.onnx",
+      ].sort(),
+    );
+    expect(readdirSync(tmp)).toEqual(["fp32"]); // no temporary folder left behind
+    for (const f of manifest.copied_files) expect(readFileSync(join(dir, f)).equals(readFileSync(join(TINY, f))), f).toBe(true);
+    expect(JSON.parse(readFileSync(join(dir, "manifest.json"), "utf8"))).toEqual(manifest);
+    expect(manifest.dtype).toBe("fp32");
+    expect(manifest.quantization).toBeNull();
+    const st = readFileSync(join(TINY, "model.safetensors"));
+    const headerLen = Number(st.readBigUInt64LE(0));
+    expect(manifest.source.files).toEqual([
+      { name: "model.safetensors", bytes: st.length, sha256: createHash("sha256").update(st.subarray(0, 8 + headerLen)).digest("hex"), hashed: "header" },
+    ]);
+    const dec = manifest.graphs.decoder_model_merged;
+    expect(dec.inputs.map((i) => i.name)).toEqual([
+      "inputs_embeds",
+      "attention_mask",
+      "position_ids",
+      "past_key_values.0.key",
+      "past_key_values.0.value",
+      "past_key_values.1.key",
+      "past_key_values.1.value",
+    ]);
+    expect(dec.outputs.map((o) => o.name)).toEqual(["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]);
+    expect(dec.outputs[0]!.shape).toEqual(["batch_size", 1, 151936]);
+    expect(manifest.graphs.vision_encoder.inputs).toEqual([
+      { name: "pixel_values", type: "float32", shape: ["num_patches", 1176] },
+      { name: "grid_thw", type: "int64", shape: ["num_images", 3] },
+    ]);
+    expect(manifest.graphs.embed_tokens.outputs[0]).toEqual({ name: "inputs_embeds", type: "float32", shape: ["batch_size", "sequence_length", 64] });
+    expect(dec.data_file).toBeUndefined();
+  });
+
+  const withImages = cases.filter((c) => c.image_embeds);
+  it.each(withImages.map((c) => [c.case, c] as const))("vision features of %s match transformers", async (_, c) => {
+    const { data, dims } = await model.imageFeatures(c);
+    expect(dims).toEqual(c.image_embeds!.shape);
+    const diff = maxAbsDiff(data, loadGoldenF32(c.image_embeds!.file));
+    expect(diff).toBeLessThanOrEqual(TOL);
+  });
+
+  it.each(cases.map((c) => [c.case, c] as const))("prefill and teacher-forced KV decode of %s match transformers", async (_, c) => {
+    const fd = c.forced_decode;
+    let worst = 0;
+    let steps = 0;
+    await model.forcedDecode(c, (k, logits) => {
+      const golden = fd.steps[k]!;
+      if (k === 0) {
+        worst = Math.max(worst, maxAbsDiff(logits, loadGoldenF32(c.prefill_logits.file)));
+        expect(topK(logits, 5)).toEqual(c.prefill_top5.map(([id]) => id));
+      } else {
+        expect(golden.input_token).toBe(fd.forced_ids[k - 1]);
+        expect(golden.input_position).toBe(c.seq_len + (k - 1) + c.rope_deltas);
+      }
+      expect(topK(logits, 5), `step ${k}`).toEqual(golden.top5.map(([id]) => id));
+      for (const [id, value] of golden.top5) worst = Math.max(worst, Math.abs(logits[id]! - value));
+      steps++;
+    });
+    expect(steps).toBe(fd.steps.length);
+    expect(worst).toBeLessThanOrEqual(TOL);
+    console.log(`[fp32] ${c.case}: ${steps} steps, max |Δlogit| ${worst.toExponential(2)}`);
+  });
+
+  it("batch 2 with left padding: each row matches its own golden prefill and forced decode", async () => {
+    const a = cases.find((c) => c.case === "case_04")!; // 154 tokens, text only
+    const b = cases.find((c) => c.case === "case_01")!; // 200 tokens, one image
+    const S = Math.max(a.seq_len, b.seq_len);
+    const H = model.hidden;
+    const rows: GoldenCase[] = [a, b];
+    const embeds = new Float32Array(2 * S * H);
+    const mask: number[] = [];
+    const positions: number[][] = [[], [], []];
+    for (const [r, c] of rows.entries()) {
+      const pad = S - c.seq_len;
+      embeds.set(await model.promptEmbeds(c), (r * S + pad) * H); // pad rows stay zero
+      mask.push(...new Array(pad).fill(0), ...new Array(c.seq_len).fill(1));
+      for (let axis = 0; axis < 3; axis++) positions[axis]!.push(...new Array(pad).fill(1), ...c.position_ids[axis]!);
+    }
+    let { logits, present } = await model.decode(embeds, 2, S, mask, positions.flat(), model.emptyPast(2));
+    const V = logits.length / 2;
+    for (const [r, c] of rows.entries()) {
+      const row = logits.subarray(r * V, (r + 1) * V);
+      expect(maxAbsDiff(row, loadGoldenF32(c.prefill_logits.file))).toBeLessThanOrEqual(TOL);
+      expect(topK(row, 5)).toEqual(c.prefill_top5.map(([id]) => id));
+    }
+    let total = S;
+    for (let k = 1; k <= 6; k++) {
+      const tokens = rows.map((c) => c.forced_decode.forced_ids[k - 1]!);
+      const pos = rows.map((c) => c.seq_len + (k - 1) + c.rope_deltas);
+      mask.splice(0, mask.length, ...rows.flatMap((c, r) => [...mask.slice(r * total, (r + 1) * total), 1]));
+      total++;
+      ({ logits, present } = await model.decode(await model.embedTokens(tokens, 2), 2, 1, mask, [...pos, ...pos, ...pos], present));
+      for (const [r, c] of rows.entries()) {
+        const row = logits.subarray(r * V, (r + 1) * V);
+        const golden = c.forced_decode.steps[k]!.top5;
+        expect(topK(row, 5), `${c.case} step ${k}`).toEqual(golden.map(([id]) => id));
+        for (const [id, value] of golden) expect(Math.abs(row[id]! - value)).toBeLessThanOrEqual(TOL);
+      }
+    }
+  });
+
+  it("the image rows really come from the vision encoder (sanity of the scatter)", async () => {
+    const c = cases.find((x) => x.case === "case_05")!;
+    const embeds = await model.promptEmbeds(c);
+    const first = c.input_ids.indexOf(IMAGE_PAD_ID);
+    const golden = loadGoldenF32(c.image_embeds!.file);
+    expect(maxAbsDiff(embeds.subarray(first * 64, first * 64 + 64), golden.subarray(0, 64))).toBeLessThanOrEqual(TOL);
+    expect(maxAbsDiff(embeds.subarray(first * 64, first * 64 + 64), (await model.embedTokens([IMAGE_PAD_ID], 1)))).toBeGreaterThan(0.01);
+  });
+});
+
+describe("variants", () => {
+  it("full-logits decoder: [1, S, V]; last row = golden, row S−2 = last-only prefill of the prompt minus its last token", async () => {
+    const dir = join(tmp, "full");
+    const res = await convertModel({ model: TINY, outDir: dir, dtype: "fp32", lastLogitsOnly: false });
+    expect(res.manifest.decoder.last_logits_only).toBe(false);
+    expect(res.manifest.graphs.decoder_model_merged.outputs[0]!.shape).toEqual(["batch_size", "sequence_length", 151936]);
+    const full = await QwenOnnx.load(dir, res.manifest.decoder);
+    try {
+      const c = cases.find((x) => x.case === "case_04")!;
+      const S = c.seq_len;
+      const embeds = await full.promptEmbeds(c);
+      const out = await full.decode(embeds, 1, S, new Array(S).fill(1), c.position_ids.flat(), full.emptyPast(1));
+      expect(out.logitsDims).toEqual([1, S, 151936]);
+      const V = 151936;
+      expect(maxAbsDiff(out.logits.subarray((S - 1) * V), loadGoldenF32(c.prefill_logits.file))).toBeLessThanOrEqual(TOL);
+      const shorter = await model.decode(embeds.subarray(0, (S - 1) * 64), 1, S - 1, new Array(S - 1).fill(1), c.position_ids.flatMap((p) => p.slice(0, S - 1)), model.emptyPast(1));
+      expect(maxAbsDiff(out.logits.subarray((S - 2) * V, (S - 1) * V), shorter.logits)).toBeLessThanOrEqual(1e-5);
+    } finally {
+      await full.release();
+    }
+  });
+
+  it("external data: every graph's tensors in <graph>.onnx_data, same numbers", async () => {
+    const dir = join(tmp, "ext");
+    const res = await convertModel({ model: TINY, outDir: dir, dtype: "fp32", externalData: true });
+    for (const g of Object.values(res.manifest.graphs)) {
+      expect(g.data_file).toBe(`${g.file}_data`);
+      expect(existsSync(join(dir, g.data_file!))).toBe(true);
+      expect(g.bytes).toBeLessThan(200_000); // only structure stays in the .onnx
+    }
+    const ext = await QwenOnnx.load(dir, res.manifest.decoder);
+    try {
+      const c = cases.find((x) => x.case === "case_06")!;
+      const fromExt = await ext.imageFeatures(c);
+      expect(maxAbsDiff(fromExt.data, loadGoldenF32(c.image_embeds!.file))).toBeLessThanOrEqual(TOL);
+      const S = c.seq_len;
+      const out = await ext.decode(await ext.promptEmbeds(c), 1, S, new Array(S).fill(1), c.position_ids.flat(), ext.emptyPast(1));
+      expect(maxAbsDiff(out.logits, loadGoldenF32(c.prefill_logits.file))).toBeLessThanOrEqual(TOL);
+    } finally {
+      await ext.release();
+    }
+  });
+});
