@@ -91,3 +91,26 @@ describe("npm run generate", () => {
     expect(j.timings.decode_ms_per_token).toHaveLength(23);
   }, 120_000);
 });
+
+describe.each(["int8", "fp16"] as const)("%s conversion through the engine", (dtype) => {
+  let m: LoadedModel;
+  let dir: string;
+  beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), `engine-${dtype}-`));
+    m = await loadModel(await buildTinyModel(dir, dtype), { intraOpThreads: 2 });
+  }, 120_000);
+  afterAll(async () => {
+    if (m) await releaseModel(m);
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  // Greedy margins in the golden cases are ≥ 0.018, above int8/fp16's measured logit error (≤ 0.03 / 0.002 max,
+  // far less typically): the greedy paths must agree with fp32 transformers exactly.
+  it("greedy generation reproduces the golden ids for every case", async () => {
+    for (const c of cases) {
+      const prompt = await buildPrompt(m, createTokenizer(m), c.messages as ChatMessage[], GOLDEN_DIR);
+      const r = await runGeneration(m, prompt, { ...DEFAULT_PARAMS, max_new_tokens: c.generated_ids.length });
+      expect(r.generatedIds, c.case).toEqual(c.generated_ids);
+    }
+  }, 120_000);
+});

@@ -6,6 +6,7 @@
  */
 import * as ort from "onnxruntime-node";
 import { f16ToF32 } from "../checkpoint/safetensors.ts";
+import { float16Bytes } from "../convert/common.ts";
 import type { LoadedModel } from "./model.ts";
 import { getRopeIndex, type GridThw } from "./rope-index.ts";
 
@@ -106,8 +107,12 @@ export class Sequence {
     }
     const gridData = grids.flat();
     const t0 = performance.now();
+    const pixels =
+      this.model.ioFloatType === "float16"
+        ? new ort.Tensor("float16", new Uint16Array(float16Bytes(pv).buffer), [rows, width])
+        : new ort.Tensor("float32", pv, [rows, width]);
     const out = await this.model.sessions.vision.run({
-      pixel_values: new ort.Tensor("float32", pv, [rows, width]),
+      pixel_values: pixels,
       grid_thw: i64(gridData, [grids.length, 3]),
     });
     this.timings.vision_ms = performance.now() - t0;

@@ -49,6 +49,8 @@ export interface LoadedModel {
   tokenizerConfig: Record<string, unknown>;
   /** From manifest.json: "fp32" | "fp16" | "int8" | "int4". */
   dtype: string;
+  /** Float type of the graphs' inputs and outputs (fp16 graphs take and return float16). */
+  ioFloatType: "float32" | "float16";
   sessions: { vision: ort.InferenceSession; embed: ort.InferenceSession; decoder: ort.InferenceSession };
 }
 
@@ -132,6 +134,7 @@ export async function loadModel(dir: string, opts: EngineOptions = {}): Promise<
     tokenizerJson,
     tokenizerConfig,
     dtype: typeof manifest.dtype === "string" ? manifest.dtype : "fp32",
+    ioFloatType: manifest.io_float_type === "float16" ? "float16" : "float32",
     sessions: { vision, embed, decoder },
   };
 }
