@@ -9,6 +9,7 @@ import { ImageDecodeError, preprocessImages } from "../preprocess/index.ts";
 import type { Engine, EngineEvent, EngineRequest, EngineStats } from "./engine-types.ts";
 import { CancelledError, GenerationError, decodeBatch } from "./generate.ts";
 import type { LoadedModel } from "./model.ts";
+import { preprocessOptionsOf } from "./prompt.ts";
 import { Generation } from "./run.ts";
 import { RopeIndexError } from "./rope-index.ts";
 import { SamplingError } from "./sampling.ts";
@@ -140,20 +141,10 @@ export class BatchingEngine implements Engine {
   /** Preprocesses the images, checks them against the edge's grid, prefills and emits the first token. */
   private async admit(live: Live): Promise<void> {
     const { req } = live;
-    const p = this.model.preprocessor;
     const pre = req.images.length
       ? await preprocessImages(
           req.images.map((im) => ({ bytes: im.bytes, minPixels: im.minPixels, maxPixels: im.maxPixels })),
-          {
-            minPixels: p.min_pixels,
-            maxPixels: p.max_pixels,
-            patchSize: p.patch_size,
-            mergeSize: p.merge_size,
-            temporalPatchSize: p.temporal_patch_size,
-            imageMean: p.image_mean,
-            imageStd: p.image_std,
-            ...(this.opts.maxImageTokens ? { maxImageTokens: this.opts.maxImageTokens } : {}),
-          },
+          preprocessOptionsOf(this.model, this.opts.maxImageTokens),
         )
       : null;
     req.images.forEach((im, i) => {

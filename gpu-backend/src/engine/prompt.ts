@@ -10,7 +10,7 @@ import { fileURLToPath } from "node:url";
 import { Tokenizer } from "@huggingface/tokenizers";
 import { renderChatTemplate, contentKind, type ChatMessage, type ContentItem } from "../../../shared/src/chat-template.ts";
 import { expandImagePads } from "../../../shared/src/image-tokens.ts";
-import { preprocessImages, type PreprocessImageInput } from "../preprocess/index.ts";
+import { preprocessImages, type PreprocessImageInput, type PreprocessOptions } from "../preprocess/index.ts";
 import type { LoadedModel } from "./model.ts";
 import type { PromptInput } from "./generate.ts";
 
@@ -29,6 +29,21 @@ async function readImageRef(ref: unknown, baseDir: string): Promise<Uint8Array> 
   if (/^https?:\/\//i.test(ref)) throw new Error("remote image URLs are not fetched: download the image and give its path");
   const path = ref.startsWith("file://") ? fileURLToPath(ref) : isAbsolute(ref) ? ref : resolve(baseDir, ref);
   return new Uint8Array(await readFile(path));
+}
+
+/** The model's preprocessor_config as preprocessing options (the server's bounds), with an optional token cap. */
+export function preprocessOptionsOf(model: LoadedModel, maxImageTokens?: number): PreprocessOptions {
+  const p = model.preprocessor;
+  return {
+    minPixels: p.min_pixels,
+    maxPixels: p.max_pixels,
+    patchSize: p.patch_size,
+    mergeSize: p.merge_size,
+    temporalPatchSize: p.temporal_patch_size,
+    imageMean: p.image_mean,
+    imageStd: p.image_std,
+    ...(maxImageTokens ? { maxImageTokens } : {}),
+  };
 }
 
 export interface BuiltPrompt extends PromptInput {
@@ -57,18 +72,8 @@ export async function buildPrompt(
       images.push(input);
     }
   }
-  const p = model.preprocessor;
   const pre = images.length
-    ? await preprocessImages(images, {
-        minPixels: p.min_pixels,
-        maxPixels: p.max_pixels,
-        patchSize: p.patch_size,
-        mergeSize: p.merge_size,
-        temporalPatchSize: p.temporal_patch_size,
-        imageMean: p.image_mean,
-        imageStd: p.image_std,
-        ...(limits.maxImageTokens ? { maxImageTokens: limits.maxImageTokens } : {}),
-      })
+    ? await preprocessImages(images, preprocessOptionsOf(model, limits.maxImageTokens))
     : { pixelValues: new Float32Array(0), gridThw: [] as [number, number, number][], imageTokens: [] as number[] };
   const promptText = renderChatTemplate(messages, { addGenerationPrompt: true });
   const inputIdsUnexpanded = tokenizer.encode(promptText, { add_special_tokens: false }).ids;
