@@ -90,6 +90,34 @@ describe("npm run generate", () => {
     expect(j.answer).toMatchObject({ answer: null, format_ok: false });
     expect(j.timings.decode_ms_per_token).toHaveLength(23);
   }, 120_000);
+
+  it("--forced-ids scores a continuation: top-5 [id, logit] per step in the golden forced_decode shape", () => {
+    const c = cases.find((x) => x.case === "case_04")!; // text only
+    const msgFile = join(work, "messages-text.json");
+    writeFileSync(msgFile, JSON.stringify({ messages: c.messages }));
+    const out = execFileSync(
+      process.execPath,
+      [join(PROJECT_ROOT, "node_modules/tsx/dist/cli.mjs"), "scripts/generate.ts", "--model", join(work, "onnx"), "--messages", msgFile, "--forced-ids", c.forced_decode.forced_ids.join(","), "--json"],
+      { cwd: PROJECT_ROOT, encoding: "utf8" },
+    );
+    const j = JSON.parse(out.trim());
+    expect(j.generated_ids).toEqual(c.forced_decode.forced_ids);
+    expect(j.steps).toHaveLength(c.forced_decode.steps.length);
+    j.steps.forEach((s: { top5: [number, number][] }, k: number) => {
+      const want = c.forced_decode.steps[k]!.top5;
+      expect(s.top5.map((p) => p[0])).toEqual(want.map((p) => p[0]));
+      s.top5.forEach((p, i) => expect(Math.abs(p[1] - want[i]![1])).toBeLessThanOrEqual(1e-4));
+    });
+  }, 120_000);
+});
+
+describe("execution provider", () => {
+  it("asking for CUDA without its provider is a clear start-up error, never a silent CPU fallback", async () => {
+    const err = await loadModel(join(work, "onnx"), { executionProvider: "cuda" }).catch((e: unknown) => e);
+    expect(err).toMatchObject({ name: "EngineLoadError", code: "provider_unavailable" });
+    expect((err as Error).message).toMatch(/ONNXRUNTIME_NODE_INSTALL=cuda12/);
+    expect((err as Error).message).toMatch(/EXECUTION_PROVIDER=cpu/);
+  });
 });
 
 describe.each(["int8", "fp16"] as const)("%s conversion through the engine", (dtype) => {
