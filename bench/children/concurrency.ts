@@ -1,0 +1,156 @@
+/**
+ * Child: continuous batching under load. For each level L, L copies of the eval request are submitted to a
+ * fresh BatchingEngine at once (max_new_tokens = tokens + L, EOS ignored so every request runs to length):
+ *   - aggregate decode tok/s: token events (after each request's first) in the window where all L requests
+ *     decode together — from the last request's first token to the first request's last token
+ *   - TTFT of each of the L simultaneous arrivals (submit → first token; the last one waits for L-1 prefills)
+ *   - probe TTFT: one more request submitted when the first of the L finishes (L-1 still decoding) — what a
+ *     new arrival sees under load
+ *   - end-to-end tok/s: all generated tokens / (first submit → last done)
+ * The sweep over levels is repeated `rounds` times.
+ */
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { DEFAULT_PARAMS } from "../../shared/src/wire.ts";
+import { BatchingEngine } from "../../gpu-backend/src/engine/engine.ts";
+import type { EngineEvent, EngineRequest } from "../../gpu-backend/src/engine/engine-types.ts";
+import { loadModel, releaseModel } from "../../gpu-backend/src/engine/model.ts";
+import { GOLDEN_DIR, childArgs, childDone, childMain } from "../lib/common.ts";
+
+export interface ConcurrencyArgs {
+  modelDir: string;
+  threads: number;
+  maxBatch: number;
+  levels: number[];
+  tokens: number;
+  /** Sweeps over all levels (1,2,4,8,1,2,4,8,…): slow drifts of a shared machine hit every level alike. */
+  rounds: number;
+}
+
+export interface LevelResult {
+  level: number;
+  round: number;
+  aggregate_decode_tok_s: number;
+  window_tokens: number;
+  window_ms: number;
+  end_to_end_tok_s: number;
+  ttft_ms: number[];
+  probe_ttft_ms: number;
+  completion_tokens: number[];
+  errors: string[];
+}
+
+export interface ConcurrencyResult {
+  dtype: string;
+  load_ms: number;
+  levels: LevelResult[];
+  peak_rss_bytes: number;
+}
+
+const c01 = JSON.parse(readFileSync(join(GOLDEN_DIR, "cases-a", "case_01.json"), "utf8")) as {
+  input_ids: number[];
+  images: Array<{ image: string; grid_thw: [number, number, number]; qwen_vl_utils_kwargs: { min_pixels?: number; max_pixels?: number } }>;
+};
+const imageBytes = c01.images.map((im) => new Uint8Array(readFileSync(join(GOLDEN_DIR, im.image))));
+
+function request(id: string, maxNew: number): EngineRequest {
+  return {
+    id,
+    inputIds: Int32Array.from(c01.input_ids),
+    images: c01.images.map((im, i) => ({
+      bytes: imageBytes[i]!,
+      mime: "image/png",
+      minPixels: im.qwen_vl_utils_kwargs.min_pixels ?? 3136,
+      maxPixels: im.qwen_vl_utils_kwargs.max_pixels ?? 12845056,
+      expectedGrid: im.grid_thw,
+    })),
+    params: { ...DEFAULT_PARAMS, max_new_tokens: maxNew },
+    deadlineMs: null,
+  };
+}
+
+interface Trace {
+  submitted: number;
+  tokens: number[];
+  done: number;
+  error?: string;
+}
+
+function submit(engine: BatchingEngine, req: EngineRequest, onDone?: () => void): { trace: Trace; finished: Promise<void> } {
+  const trace: Trace = { submitted: performance.now(), tokens: [], done: NaN };
+  const finished = new Promise<void>((resolve) => {
+    engine.submit(req, (ev: EngineEvent) => {
+      if (ev.type === "token") trace.tokens.push(performance.now());
+      else if (ev.type === "done" || ev.type === "error") {
+        trace.done = performance.now();
+        if (ev.type === "error") trace.error = `${ev.code}: ${ev.message}`;
+        onDone?.();
+        resolve();
+      }
+    });
+  });
+  return { trace, finished };
+}
+
+childMain(async () => {
+  const a = childArgs<ConcurrencyArgs>();
+  const t0 = performance.now();
+  const loaded = await loadModel(a.modelDir, { intraOpThreads: a.threads });
+  const loadMs = performance.now() - t0;
+  // Random test weights would stop at EOS at random: ignore EOS so every request runs to max_new_tokens.
+  const model = { ...loaded, meta: { ...loaded.meta, eos_token_ids: [] } };
+  process.stderr.write(`  ${model.dtype}: loaded in ${(loadMs / 1000).toFixed(1)} s\n`);
+
+  {
+    // Warm-up: one batch of two, so that batched kernels are compiled too.
+    const engine = new BatchingEngine(model, { maxBatch: a.maxBatch });
+    await Promise.all([submit(engine, request("warm-0", 3)).finished, submit(engine, request("warm-1", 3)).finished]);
+    await engine.close();
+  }
+
+  const levels: LevelResult[] = [];
+  for (let round = 0; round < a.rounds; round++) for (const level of a.levels) {
+    const engine = new BatchingEngine(model, { maxBatch: a.maxBatch });
+    let probe: { trace: Trace; finished: Promise<void> } | null = null;
+    const runs: Array<{ trace: Trace; finished: Promise<void> }> = [];
+    const start = performance.now();
+    for (let i = 0; i < level; i++) {
+      runs.push(
+        submit(engine, request(`L${level}-${i}`, a.tokens + level), () => {
+          probe ??= submit(engine, request(`L${level}-probe`, 1));
+        }),
+      );
+    }
+    await Promise.all(runs.map((r) => r.finished));
+    while (!probe) await new Promise((r) => setTimeout(r, 10));
+    await (probe as { finished: Promise<void> }).finished;
+    await engine.close();
+    const traces = runs.map((r) => r.trace);
+    const errors = traces.filter((t) => t.error).map((t) => t.error!);
+    const allIn = Math.max(...traces.map((t) => t.tokens[0] ?? Infinity));
+    const firstOut = Math.min(...traces.map((t) => t.tokens.at(-1) ?? -Infinity));
+    const inWindow = traces.reduce((n, t) => n + t.tokens.slice(1).filter((x) => x > allIn && x <= firstOut).length, 0);
+    const windowMs = firstOut - allIn;
+    const end = Math.max(...traces.map((t) => t.done));
+    const totalTokens = traces.reduce((n, t) => n + t.tokens.length, 0);
+    const p = (probe as unknown as { trace: Trace }).trace;
+    const r: LevelResult = {
+      level,
+      round,
+      aggregate_decode_tok_s: windowMs > 0 ? inWindow / (windowMs / 1000) : NaN,
+      window_tokens: inWindow,
+      window_ms: windowMs,
+      end_to_end_tok_s: totalTokens / ((end - start) / 1000),
+      ttft_ms: traces.map((t) => (t.tokens[0] ?? NaN) - t.submitted),
+      probe_ttft_ms: (p.tokens[0] ?? NaN) - p.submitted,
+      completion_tokens: traces.map((t) => t.tokens.length),
+      errors,
+    };
+    levels.push(r);
+    process.stderr.write(
+      `  ${model.dtype}: round ${round + 1}/${a.rounds}, ${level} stream(s): aggregate decode ${r.aggregate_decode_tok_s.toFixed(2)} tok/s, TTFT max ${(Math.max(...r.ttft_ms) / 1000).toFixed(2)} s, probe TTFT ${(r.probe_ttft_ms / 1000).toFixed(2)} s\n`,
+    );
+  }
+  await releaseModel(loaded);
+  childDone({ dtype: model.dtype, load_ms: loadMs, levels });
+});

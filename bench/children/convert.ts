@@ -1,0 +1,33 @@
+/** Child: one make-test-model or one conversion, so that its time and peak RSS are measured alone. */
+import { makeTestModel } from "../../gpu-backend/src/checkpoint/make-test-model.ts";
+import { convertModel, type ConvertDtype } from "../../gpu-backend/src/convert/index.ts";
+import { childArgs, childDone, childMain } from "../lib/common.ts";
+
+type Args =
+  | { kind: "checkpoint"; configPath: string; outDir: string; dtype: "f32" | "bf16" }
+  | { kind: "convert"; model: string; outDir: string; dtype: ConvertDtype };
+
+childMain(async () => {
+  const a = childArgs<Args>();
+  const t0 = performance.now();
+  if (a.kind === "checkpoint") {
+    const r = await makeTestModel({ configPath: a.configPath, outDir: a.outDir, dtype: a.dtype, overwrite: true });
+    childDone({ seconds: (performance.now() - t0) / 1000, bytes: r.totalSize });
+  } else {
+    let last = 0;
+    const r = await convertModel({
+      model: a.model,
+      outDir: a.outDir,
+      dtype: a.dtype,
+      overwrite: true,
+      onProgress: (p) => {
+        const pct = Math.floor((100 * p.doneBytes) / Math.max(1, p.totalBytes));
+        if (pct >= last + 10) {
+          last = pct;
+          process.stderr.write(`  ${a.dtype}: ${pct}% (${p.graph})\n`);
+        }
+      },
+    });
+    childDone({ seconds: (performance.now() - t0) / 1000, converter_seconds: r.seconds });
+  }
+});

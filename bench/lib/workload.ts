@@ -1,0 +1,54 @@
+/**
+ * The benchmark workload: MedVLM-R1's evaluation prompt on the golden brain MRI (case_01: a 224×224 PNG →
+ * 64 image tokens, 200 prompt tokens), and a fixed continuation forced token by token so that every run
+ * decodes exactly the same number of tokens (random test weights would otherwise stop at EOS at random).
+ */
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { GOLDEN_DIR } from "./common.ts";
+
+/**
+ * `<think>The image is an axial brain MRI. There is a bright area in the white matter on the FLAIR sequence,
+ * which suggests a focal lesion. No fracture, vessel or ligament is visible.</think>\n<answer>A</answer>` in
+ * the Qwen2 tokenizer: ordinary BPE ids only (no special or added tokens), 49 of them.
+ */
+export const CONTINUATION_IDS: readonly number[] = [
+  13708, 766, 16357, 2168, 374, 458, 97180, 8109, 51360, 13, 2619, 374, 264, 9906, 3082, 304, 279, 4158, 4925, 389, 279, 12772, 57161, 8500, 11, 892,
+  13230, 264, 41099, 92117, 13, 2308, 58804, 11, 26182, 476, 28313, 2838, 374, 9434, 3918, 26865, 397, 27, 9217, 23465, 522, 9217, 29,
+];
+
+/** `n` forced ids: the continuation, repeated as needed. */
+export function forcedIds(n: number): number[] {
+  return Array.from({ length: n }, (_, i) => CONTINUATION_IDS[i % CONTINUATION_IDS.length]!);
+}
+
+export interface EvalPrompt {
+  /** case_01's chat messages (image path relative to `baseDir`). */
+  messages: unknown[];
+  baseDir: string;
+  /** The rendered prompt text (what transformers.js's processor gets). */
+  promptText: string;
+  imagePath: string;
+  /** Expected sizes, to check both stacks saw the same input. */
+  promptTokens: number;
+  imageTokens: number;
+}
+
+export function evalPrompt(): EvalPrompt {
+  const c = JSON.parse(readFileSync(join(GOLDEN_DIR, "cases-a", "case_01.json"), "utf8")) as {
+    messages: unknown[];
+    prompt_text: string;
+    input_ids: number[];
+    images: Array<{ image: string }>;
+    image_grid_thw: number[][];
+  };
+  const grid = c.image_grid_thw[0]!;
+  return {
+    messages: c.messages,
+    baseDir: GOLDEN_DIR,
+    promptText: c.prompt_text,
+    imagePath: join(GOLDEN_DIR, c.images[0]!.image),
+    promptTokens: c.input_ids.length,
+    imageTokens: (grid[0]! * grid[1]! * grid[2]!) / 4,
+  };
+}

@@ -1,0 +1,142 @@
+/**
+ * `npm run bench -- <suite> [options]` — benchmarks of the serving system; numbers are reported with a peer
+ * measured in the same run (transformers.js, the memory-bandwidth bound, one stream) because absolute
+ * numbers on a shared machine drift.
+ *
+ *   models       make the full-size (Qwen2-VL-2B shape) test checkpoint and convert it per dtype into the cache
+ *   single       one stream, the MedVLM-R1 eval prompt: load, vision, TTFT, decode tok/s, peak RSS per dtype,
+ *                and transformers.js on our fp32 files as the ratio ours/theirs
+ *   bandwidth    memory read bandwidth, and each dtype's decode speed as a fraction of bandwidth / decoder bytes
+ *   concurrency  aggregate decode tok/s and TTFT with 1, 2, 4, 8 simultaneous requests (BatchingEngine)
+ *   edge         the worker under `wrangler dev` against an instant backend double: req/s, p50/p99, cold start,
+ *                tokenizer heap (proxy for isolate memory)
+ *   all          every suite above, in that order
+ *
+ * Options: --dtypes fp32,int8,int4  --runs 3  --tokens 32  --threads 2  --quick  --cache /tmp/medvlm-bench-cache
+ *          --results-dir bench/results  --levels 1,2,4,8  --max-batch 8  --rounds 1  --requests 300  --clients 8
+ *          --bandwidth-mib 1024  --no-tjs  --child-timeout 900  --drop-checkpoint
+ * Each suite prints a table and writes bench/results/<suite>-<timestamp>.json (with machine info).
+ */
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import { ALL_DTYPES, BENCH_DIR, DEFAULT_CACHE, type BenchOptions, type Dtype, log } from "./lib/common.ts";
+
+export const SUITES = ["models", "single", "bandwidth", "concurrency", "edge"] as const;
+export type Suite = (typeof SUITES)[number];
+
+const USAGE =
+  "usage: npm run bench -- <models|single|bandwidth|concurrency|edge|all> [--dtypes fp32,int8,int4] [--runs N] [--tokens N] [--threads N]\n" +
+  "       [--quick] [--cache DIR] [--results-dir DIR] [--levels 1,2,4,8] [--max-batch N] [--rounds N] [--requests N] [--clients N]\n" +
+  "       [--bandwidth-mib N] [--no-tjs] [--child-timeout S] [--drop-checkpoint]";
+
+export class UsageError extends Error {}
+
+export function parseBenchArgs(argv: string[]): { suites: Suite[]; opts: BenchOptions } {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      options: {
+        dtypes: { type: "string" },
+        runs: { type: "string" },
+        tokens: { type: "string" },
+        threads: { type: "string" },
+        quick: { type: "boolean", default: false },
+        cache: { type: "string" },
+        "results-dir": { type: "string" },
+        levels: { type: "string" },
+        "max-batch": { type: "string" },
+        rounds: { type: "string" },
+        requests: { type: "string" },
+        clients: { type: "string" },
+        "bandwidth-mib": { type: "string" },
+        "no-tjs": { type: "boolean", default: false },
+        "child-timeout": { type: "string" },
+        "drop-checkpoint": { type: "boolean", default: false },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    });
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  const { values: v, positionals } = parsed;
+  if (v.help) throw new UsageError("");
+  if (positionals.length !== 1) throw new UsageError("name one suite");
+  const name = positionals[0]!;
+  const suites: Suite[] = name === "all" ? [...SUITES] : SUITES.includes(name as Suite) ? [name as Suite] : [];
+  if (suites.length === 0) throw new UsageError(`unknown suite ${JSON.stringify(name)}`);
+  const int = (key: string, s: string | undefined, dflt: number, min = 1): number => {
+    if (s === undefined) return dflt;
+    const n = Number(s);
+    if (!Number.isInteger(n) || n < min) throw new UsageError(`--${key} must be an integer ≥ ${min}, got ${s}`);
+    return n;
+  };
+  const quick = v.quick;
+  const dtypes = (v.dtypes ?? (quick ? "fp32,int4" : "fp32,int8,int4")).split(",").map((s) => s.trim()) as Dtype[];
+  for (const d of dtypes) if (!ALL_DTYPES.includes(d)) throw new UsageError(`--dtypes: unknown dtype ${d} (fp32, fp16, int8, int4)`);
+  const levels = (v.levels ?? (quick ? "1,2" : "1,2,4,8")).split(",").map((s) => int("levels", s, 1));
+  const opts: BenchOptions = {
+    dtypes,
+    runs: int("runs", v.runs, quick ? 1 : 3),
+    tokens: int("tokens", v.tokens, quick ? 4 : 32, 2),
+    threads: int("threads", v.threads, 2),
+    quick,
+    cache: v.cache ?? DEFAULT_CACHE,
+    resultsDir: v["results-dir"] ?? join(BENCH_DIR, "results"),
+    levels,
+    maxBatch: int("max-batch", v["max-batch"], 8),
+    rounds: int("rounds", v.rounds, 1),
+    requests: int("requests", v.requests, quick ? 20 : 300),
+    clients: int("clients", v.clients, quick ? 2 : 8),
+    bandwidthMiB: int("bandwidth-mib", v["bandwidth-mib"], quick ? 64 : 1024),
+    noTjs: v["no-tjs"],
+    childTimeoutS: int("child-timeout", v["child-timeout"], 900),
+    dropCheckpoint: v["drop-checkpoint"],
+  };
+  return { suites, opts };
+}
+
+/** Runs the suites; returns the result files written. */
+export async function runBench(argv: string[]): Promise<string[]> {
+  const { suites, opts } = parseBenchArgs(argv);
+  const files: string[] = [];
+  for (const suite of suites) {
+    log(`suite ${suite}${opts.quick ? " (quick: tiny model)" : ""}`);
+    let r: { file: string };
+    switch (suite) {
+      case "models":
+        r = await (await import("./suites/models.ts")).modelsSuite(opts);
+        break;
+      case "single":
+        r = await (await import("./suites/single.ts")).singleSuite(opts);
+        break;
+      case "bandwidth":
+        r = await (await import("./suites/bandwidth.ts")).bandwidthSuite(opts);
+        break;
+      case "concurrency":
+        r = await (await import("./suites/concurrency.ts")).concurrencySuite(opts);
+        break;
+      case "edge":
+        r = await (await import("./suites/edge.ts")).edgeSuite(opts);
+        break;
+    }
+    process.stdout.write(`results: ${r.file}\n\n`);
+    files.push(r.file);
+  }
+  return files;
+}
+
+if (import.meta.url === `file://${process.argv[1]}` || process.argv[1]?.endsWith("bench/run.ts")) {
+  runBench(process.argv.slice(2)).then(
+    () => process.exit(0),
+    (e) => {
+      if (e instanceof UsageError) {
+        process.stderr.write(`${e.message ? `bench: ${e.message}\n` : ""}${USAGE}\n`);
+        process.exit(e.message ? 2 : 0);
+      }
+      process.stderr.write(`bench: ${(e as Error).stack ?? String(e)}\n`);
+      process.exit(1);
+    },
+  );
+}

@@ -1,0 +1,352 @@
+/**
+ * `edge`: the worker's own work under `wrangler dev` (auth, rate-limit Durable Object, multipart parsing and
+ * validation, chat template + tokenization, wire encoding + HMAC signing, NDJSON relay), with the backend
+ * answered at once by a local double (start + one token + done). Measures:
+ *   - cold start: spawning wrangler → /healthz answers → first successful /v1/vqa (the tokenizer is built
+ *     lazily on the first /v1/vqa), and that first /v1/vqa vs the second, over several fresh starts
+ *   - load: req/s and p50/p99 of /v1/vqa (not streamed) with N requests from C concurrent clients, and of
+ *     /healthz (auth-free, no work) as the peer measured on the same worker in the same run
+ *   - isolate memory proxy: heap growth of building the tokenizer in a Node child (see the child)
+ * Loopback only; the rate limits are raised by --var so that the limiter admits every request (its
+ * Durable Object call still runs).
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, openSync, readFileSync, readdirSync, rmSync } from "node:fs";
+import { createServer as createHttpServer, type Server } from "node:http";
+import { createServer as createNetServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { devTokenForRepo } from "../../scripts/dev-secrets.ts";
+import { ensureServedModel } from "../../scripts/lib/stack.ts";
+import { GENERATE_PATH, LOAD_HEADER, WIRE_EVENTS_CONTENT_TYPE, decodeWireRequest, encodeEvent } from "../../shared/src/wire.ts";
+import type { TokenizerHeapResult } from "../children/tokenizer-heap.ts";
+import { type BenchOptions, GOLDEN_DIR, ROOT, fmt, fmtBytes, log, machineInfo, machineLine, percentile, runChild, spread, table, writeResult } from "../lib/common.ts";
+
+const WRANGLER = join(ROOT, "node_modules", "wrangler", "bin", "wrangler.js");
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createNetServer()
+      .once("error", reject)
+      .listen(0, "127.0.0.1", () => {
+        const p = (s.address() as { port: number }).port;
+        s.close(() => resolve(p));
+      });
+  });
+}
+
+/** The instant backend: decodes the wire request (so malformed ones would show), answers start + 1 token + done. */
+export async function startBackendDouble(): Promise<{ url: string; served: () => number; bad: () => number; close: () => Promise<void> }> {
+  let served = 0;
+  let bad = 0;
+  const server: Server = createHttpServer((req, res) => {
+    if (req.method === "GET" && (req.url === "/healthz" || req.url === "/readyz")) {
+      res.writeHead(200, { "content-type": "application/json" }).end('{"status":"ok"}');
+      return;
+    }
+    if (req.method !== "POST" || req.url !== GENERATE_PATH) {
+      res.writeHead(404).end();
+      return;
+    }
+    const chunks: Buffer[] = [];
+    req.on("data", (c: Buffer) => chunks.push(c));
+    req.on("end", () => {
+      let requestId = "unknown";
+      let promptTokens = 0;
+      try {
+        const w = decodeWireRequest(new Uint8Array(Buffer.concat(chunks)));
+        requestId = w.header.request_id;
+        promptTokens = w.inputIds.length;
+      } catch {
+        bad++;
+      }
+      served++;
+      const imageTokens = 64;
+      res.writeHead(200, { "content-type": WIRE_EVENTS_CONTENT_TYPE, [LOAD_HEADER]: "active=0;queued=0;capacity=8" });
+      res.end(
+        encodeEvent({ type: "start", request_id: requestId, prompt_tokens: promptTokens, image_tokens: imageTokens, queue_ms: 0 }) +
+          encodeEvent({ type: "token", id: 32, text: "A" }) +
+          encodeEvent({
+            type: "done",
+            finish_reason: "length",
+            text: "A",
+            usage: { prompt_tokens: promptTokens, image_tokens: imageTokens, completion_tokens: 1 },
+            timings: { queue_ms: 0, vision_ms: 0, prefill_ms: 0, decode_ms: 0, backend_ms: 0 },
+          }),
+      );
+    });
+  });
+  const port = await freePort();
+  await new Promise<void>((r) => server.listen(port, "127.0.0.1", () => r()));
+  return {
+    url: `http://127.0.0.1:${port}`,
+    served: () => served,
+    bad: () => bad,
+    close: () => new Promise<void>((r) => server.close(() => r())),
+  };
+}
+
+interface Edge {
+  url: string;
+  child: ChildProcess;
+  stop(): Promise<void>;
+}
+
+function startWrangler(p: { modelDir: string; backendUrl: string; persistDir: string; logFile: string }): Promise<Edge> {
+  return (async () => {
+    const port = await freePort();
+    const inspector = await freePort();
+    const vars = { BACKEND_URLS: p.backendUrl, RATE_LIMIT_RPM: "100000000", RATE_LIMIT_BURST: "100000000", RATE_LIMIT_MAX_CONCURRENT: "100000" };
+    const out = openSync(p.logFile, "a");
+    const child = spawn(
+      process.execPath,
+      [
+        WRANGLER,
+        "dev",
+        "--port",
+        String(port),
+        "--ip",
+        "127.0.0.1",
+        "--inspector-port",
+        String(inspector),
+        "--persist-to",
+        p.persistDir,
+        "--show-interactive-dev-session=false",
+        ...Object.entries(vars).flatMap(([k, v]) => ["--var", `${k}:${v}`]),
+      ],
+      {
+        cwd: ROOT,
+        detached: true,
+        stdio: ["ignore", out, out],
+        env: { ...process.env, WRANGLER_SEND_METRICS: "false", CLOUDFLARE_CF_FETCH_ENABLED: "false", MODEL_DIR: p.modelDir },
+      },
+    );
+    const stop = () =>
+      new Promise<void>((done) => {
+        if (child.exitCode !== null || child.signalCode !== null) return done();
+        const kill = (sig: NodeJS.Signals) => {
+          try {
+            process.kill(-child.pid!, sig);
+          } catch {
+            // gone
+          }
+        };
+        const timer = setTimeout(() => kill("SIGKILL"), 10_000);
+        child.once("exit", () => {
+          clearTimeout(timer);
+          kill("SIGKILL"); // workerd and anything else left in the group
+          done();
+        });
+        kill("SIGTERM");
+      });
+    return { url: `http://127.0.0.1:${port}`, child, stop };
+  })();
+}
+
+/**
+ * RSS of the workerd process(es) in wrangler's process group (Linux /proc), bytes; null where unavailable.
+ * A second proxy for isolate memory: the real runtime, but the whole process (runtime + every isolate).
+ */
+export function workerdRss(pgid: number): number | null {
+  try {
+    let total = 0;
+    let found = false;
+    for (const pid of readdirSync("/proc").filter((d) => /^\d+$/.test(d))) {
+      let stat: string;
+      try {
+        stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+      } catch {
+        continue;
+      }
+      const close = stat.lastIndexOf(")");
+      const comm = stat.slice(stat.indexOf("(") + 1, close);
+      const fields = stat.slice(close + 2).split(" ");
+      if (Number(fields[2]) !== pgid || !comm.includes("workerd")) continue;
+      const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
+      if (m) {
+        total += Number(m[1]) * 1024;
+        found = true;
+      }
+    }
+    return found ? total : null;
+  } catch {
+    return null;
+  }
+}
+
+const image = new Uint8Array(readFileSync(join(GOLDEN_DIR, "images", "brain003631.png")));
+
+function vqaForm(): FormData {
+  const form = new FormData();
+  form.append("image", new Blob([image], { type: "image/png" }), "brain.png");
+  form.append("question", "What attribute can be observed in this image?");
+  for (const o of ["Focal flair hyperintensity", "Bone fracture", "Vascular malformation", "Ligament tear"]) form.append("options", o);
+  form.append("max_new_tokens", "1");
+  form.append("stream", "false");
+  return form;
+}
+
+async function vqa(url: string, token: string): Promise<{ status: number; ms: number }> {
+  const t0 = performance.now();
+  const res = await fetch(`${url}/v1/vqa`, { method: "POST", headers: { authorization: `Bearer ${token}` }, body: vqaForm() });
+  await res.arrayBuffer();
+  return { status: res.status, ms: performance.now() - t0 };
+}
+
+async function healthz(url: string): Promise<{ status: number; ms: number }> {
+  const t0 = performance.now();
+  const res = await fetch(`${url}/healthz`);
+  await res.arrayBuffer();
+  return { status: res.status, ms: performance.now() - t0 };
+}
+
+async function waitUntil(ok: () => Promise<boolean>, timeoutMs: number, child: ChildProcess): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (Date.now() < end) {
+    if (child.exitCode !== null) throw new Error(`wrangler exited (${child.exitCode})`);
+    try {
+      if (await ok()) return;
+    } catch {
+      // not up yet
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`wrangler dev was not ready within ${timeoutMs} ms`);
+}
+
+export interface LoadResult {
+  requests: number;
+  clients: number;
+  wall_ms: number;
+  rps: number;
+  p50_ms: number;
+  p99_ms: number;
+  max_ms: number;
+  statuses: Record<string, number>;
+}
+
+async function load(n: number, clients: number, one: () => Promise<{ status: number; ms: number }>): Promise<LoadResult> {
+  const lat: number[] = [];
+  const statuses: Record<string, number> = {};
+  let next = 0;
+  const t0 = performance.now();
+  await Promise.all(
+    Array.from({ length: clients }, async () => {
+      while (next < n) {
+        next++;
+        try {
+          const r = await one();
+          lat.push(r.ms);
+          statuses[r.status] = (statuses[r.status] ?? 0) + 1;
+        } catch (e) {
+          statuses[`error ${(e as Error).message}`] = (statuses[`error ${(e as Error).message}`] ?? 0) + 1;
+        }
+      }
+    }),
+  );
+  const wall = performance.now() - t0;
+  return { requests: n, clients, wall_ms: wall, rps: n / (wall / 1000), p50_ms: percentile(lat, 50), p99_ms: percentile(lat, 99), max_ms: Math.max(...lat), statuses };
+}
+
+export async function edgeSuite(opts: BenchOptions): Promise<{ file: string; body: Record<string, unknown> }> {
+  const machine = machineInfo();
+  log(machineLine(machine));
+  // The demo model (the same tokenizer and meta the tests bundle), so edge/generated stays what they expect.
+  const modelDir = await ensureServedModel({ log });
+  const { token } = await devTokenForRepo(ROOT, { sub: "bench-edge" });
+  const double = await startBackendDouble();
+  const persistDir = mkdtempSync(join(tmpdir(), "medvlm-bench-edge-"));
+  const logFile = join(persistDir, "wrangler.log");
+  const starts = opts.quick ? 1 : 3;
+  const cold: Array<{
+    healthy_ms: number;
+    first_vqa_done_ms: number;
+    first_vqa_ms: number;
+    second_vqa_ms: number;
+    third_vqa_ms: number;
+    statuses: number[];
+    workerd_rss_after_healthz: number | null;
+    workerd_rss_after_first_vqa: number | null;
+  }> = [];
+  let workerdRssAfterLoad: number | null = null;
+  let edge: Edge | null = null;
+  let loads: { healthz: LoadResult; vqa: LoadResult } | null = null;
+  try {
+    for (let i = 0; i < starts; i++) {
+      log(`edge: fresh wrangler dev start ${i + 1}/${starts}`);
+      const t0 = performance.now();
+      edge = await startWrangler({ modelDir, backendUrl: double.url, persistDir, logFile });
+      const e = edge;
+      await waitUntil(async () => (await healthz(e.url)).status === 200, 120_000, e.child);
+      const healthy = performance.now() - t0;
+      const rssHealthy = workerdRss(e.child.pid!);
+      const first = await vqa(e.url, token);
+      const firstDone = performance.now() - t0;
+      const rssFirst = workerdRss(e.child.pid!);
+      const second = await vqa(e.url, token);
+      const third = await vqa(e.url, token);
+      cold.push({
+        healthy_ms: healthy,
+        first_vqa_done_ms: firstDone,
+        first_vqa_ms: first.ms,
+        second_vqa_ms: second.ms,
+        third_vqa_ms: third.ms,
+        statuses: [first.status, second.status, third.status],
+        workerd_rss_after_healthz: rssHealthy,
+        workerd_rss_after_first_vqa: rssFirst,
+      });
+      if (first.status !== 200) throw new Error(`/v1/vqa answered ${first.status} (see ${logFile})`);
+      if (i < starts - 1) {
+        await e.stop();
+        edge = null;
+      }
+    }
+    const e = edge!;
+    log(`edge: warm-up, then ${opts.requests} × /healthz and ${opts.requests} × /v1/vqa with ${opts.clients} clients`);
+    await load(Math.min(20, opts.requests), opts.clients, () => vqa(e.url, token));
+    const h = await load(opts.requests, opts.clients, () => healthz(e.url));
+    const v = await load(opts.requests, opts.clients, () => vqa(e.url, token));
+    loads = { healthz: h, vqa: v };
+    workerdRssAfterLoad = workerdRss(e.child.pid!);
+  } finally {
+    await edge?.stop();
+    await double.close();
+  }
+  log("edge: tokenizer heap proxy (Node child)");
+  const heap = (
+    await runChild<TokenizerHeapResult>(
+      "tokenizer-heap.ts",
+      { file: join(ROOT, "edge", "generated", "tokenizer.json.txt"), sample: "What attribute can be observed in this image?\nA) Focal flair hyperintensity" },
+      { timeoutS: 120 },
+    )
+  ).result;
+  rmSync(persistDir, { recursive: true, force: true });
+
+  const c = {
+    healthy_ms: spread(cold.map((x) => x.healthy_ms)),
+    first_vqa_done_ms: spread(cold.map((x) => x.first_vqa_done_ms)),
+    first_vqa_ms: spread(cold.map((x) => x.first_vqa_ms)),
+    second_vqa_ms: spread(cold.map((x) => x.second_vqa_ms)),
+    third_vqa_ms: spread(cold.map((x) => x.third_vqa_ms)),
+  };
+  const fmtS = (s: ReturnType<typeof spread>) => (s.n > 1 ? `${fmt(s.median, 0)} (${fmt(s.min, 0)}–${fmt(s.max, 0)})` : fmt(s.median, 0));
+  let text = `\nedge cold start (${starts} fresh wrangler dev starts; ms, median (min–max))\n`;
+  text += table([
+    ["spawn → /healthz 200", "spawn → first /v1/vqa done", "first /v1/vqa", "second", "third", "first / second"],
+    [fmtS(c.healthy_ms), fmtS(c.first_vqa_done_ms), fmtS(c.first_vqa_ms), fmtS(c.second_vqa_ms), fmtS(c.third_vqa_ms), `×${fmt(c.first_vqa_ms.median / c.second_vqa_ms.median, 1)}`],
+  ]);
+  if (loads) {
+    const row = (name: string, r: LoadResult) => [name, String(r.requests), String(r.clients), fmt(r.rps, 1), fmt(r.p50_ms, 1), fmt(r.p99_ms, 1), fmt(r.max_ms, 1), Object.entries(r.statuses).map(([k, v]) => `${k}×${v}`).join(" ")];
+    text += `\n\nedge under load (backend double answers at once; loopback; the client runs on the same 2 cores)\n`;
+    text += table([["route", "requests", "clients", "req/s", "p50 ms", "p99 ms", "max ms", "statuses"], row("GET /healthz", loads.healthz), row("POST /v1/vqa", loads.vqa)]);
+    text += `\n/v1/vqa vs /healthz on the same worker: p50 ×${fmt(loads.vqa.p50_ms / loads.healthz.p50_ms, 1)}, req/s ×${fmt(loads.vqa.rps / loads.healthz.rps, 2)}; backend double served ${double.served()} (${double.bad()} malformed)`;
+  }
+  const rssGrowth = spread(cold.map((x) => (x.workerd_rss_after_first_vqa ?? NaN) - (x.workerd_rss_after_healthz ?? NaN)));
+  if (rssGrowth.n > 0) {
+    text += `\n\nworkerd process RSS (whole runtime): after /healthz ${fmtBytes(cold[0]!.workerd_rss_after_healthz)}, growth over the first /v1/vqa ${fmtBytes(rssGrowth.median)} (median of ${rssGrowth.n} starts), after the load test ${fmtBytes(workerdRssAfterLoad)}`;
+  }
+  text += `\n\nisolate memory proxy (Node V8, not workerd): tokenizer text ${fmtBytes(heap.text_bytes)}; heap+external after JSON.parse ${fmtBytes(heap.after_parse)}, after new Tokenizer ${fmtBytes(heap.after_tokenizer)} (RSS +${fmtBytes(heap.rss_delta)}); construct ${fmt(heap.construct_ms, 0)} ms, first encode ${fmt(heap.first_encode_ms, 1)} ms, then ${fmt(heap.second_encode_ms, 2)} ms\n`;
+  process.stdout.write(text);
+  const body = { suite: "edge", created: new Date().toISOString(), machine, options: opts, cold_starts: cold, cold_summary: c, workerd_rss_after_load: workerdRssAfterLoad, load: loads, backend_double: { served: double.served(), malformed: double.bad() }, tokenizer_heap_proxy: heap };
+  return { file: writeResult(opts, "edge", body), body };
+}
