@@ -195,6 +195,30 @@ export interface LinearOptions {
   weight?: string;
   /** Treat a weight [N, ...] as [N, prod(...)] (Conv3d patch embedding with kernel = stride). */
   flatten?: boolean;
+  /**
+   * W8A8 instead of a float MatMul (float32 graphs): int8 weights with one scale per output feature, and the
+   * input quantized at run time to int8 with one scale per row (token); the int32 product runs in
+   * `MatMulInteger` (ONNX Runtime: VNNI/AMX integer GEMM) and is rescaled to float32.
+   */
+  int8Dynamic?: boolean;
+}
+
+/**
+ * Symmetric int8 weights for {@link LinearOptions.int8Dynamic}: W [N, K] → Wq int8 transposed [K, N] and
+ * scales [N] with W[n, k] ≈ Wq[k, n] · scale[n] (scale = max|W[n, :]| / 127).
+ */
+export function quantizeInt8PerColumn(w: Float32Array, N: number, K: number): { q: Int8Array; scales: Float32Array } {
+  const q = new Int8Array(K * N);
+  const scales = new Float32Array(N);
+  for (let n = 0; n < N; n++) {
+    let amax = 0;
+    for (let k = 0; k < K; k++) amax = Math.max(amax, Math.abs(w[n * K + k]!));
+    const scale = Math.fround(amax / 127);
+    scales[n] = scale;
+    const inv = scale > 0 ? 1 / scale : 0;
+    for (let k = 0; k < K; k++) q[k * N + n] = Math.max(-127, Math.min(127, Math.round(w[n * K + k]! * inv)));
+  }
+  return { q, scales };
 }
 
 /**
@@ -280,7 +304,24 @@ export class ModuleEmitter {
     const g = this.g;
     const q = opts.quantize === false ? undefined : this.quant;
     let y: Value;
-    if (q) {
+    if (opts.int8Dynamic && this.float === "float32") {
+      const get = shared(2, async () => quantizeInt8PerColumn(await readFloat32(this.weights, wName), N, K));
+      const base = `${module}.weight`;
+      const B = g.initializer(`${base}_I8`, "int8", [K, N], this.deferred(N * K, async () => {
+        const w = (await get()).q;
+        return new Uint8Array(w.buffer, w.byteOffset, w.byteLength);
+      }));
+      const S = g.initializer(`${base}_scales`, "float32", [N], this.deferred(N * 4, async () => (await get()).scales));
+      y = g.within(module, () => {
+        // Per-row symmetric int8 input, carried as uint8 with zero point 128 (what MatMulInteger's u8×s8 GEMM takes).
+        const amax = g.op("ReduceMax", [g.op("Abs", [x])], { axes: [-1], keepdims: 1 });
+        const sx = g.op("Div", [g.op("Max", [amax, g.f32Scalar(1e-30)]), g.f32Scalar(127)]);
+        // |x / sx| ≤ 127 by construction (sx = max|x| / 127), so no Clip is needed before the cast.
+        const xq = g.op("Cast", [g.op("Add", [g.op("Round", [g.op("Div", [x, sx])]), g.f32Scalar(128)])], { to: 2 });
+        const acc = g.op("MatMulInteger", [xq, B, g.constant("uint8", [128], [])]);
+        return g.op("Mul", [g.op("Mul", [g.op("Cast", [acc], { to: 1 }), sx]), S]);
+      });
+    } else if (q) {
       const kBlocks = checkQuantConfig(K, q);
       const blob = (q.blockSize * q.bits) / 8;
       const zpRow = zeroPointRowBytes(kBlocks, q.bits);
@@ -338,6 +379,38 @@ export class ModuleEmitter {
       const variance = g.op("ReduceMean", [g.op("Mul", [x32, x32])], { axes: [-1], keepdims: 1 });
       const inv = g.op("Div", [g.f32Scalar(1), g.op("Sqrt", [g.op("Add", [variance, g.f32Scalar(eps)])])]);
       return g.op("Mul", [this.param(`${module}.weight`), this.fromF32(g.op("Mul", [x32, inv]))]);
+    });
+  }
+
+  /**
+   * The same RMSNorm as {@link rmsNorm} in one ONNX Runtime kernel (`SimplifiedLayerNormalization`, ORT's
+   * op in the ONNX domain: float32 statistics, `x / sqrt(mean(x²) + eps) · weight`). float32 graphs only:
+   * float16 graphs keep transformers' cast-back-before-the-weight rounding through {@link rmsNorm}.
+   */
+  rmsNormFused(x: Value, module: string, eps: number): Value {
+    if (this.float !== "float32") return this.rmsNorm(x, module, eps);
+    const g = this.g;
+    return g.within(module, () =>
+      g.op("SimplifiedLayerNormalization", [x, this.param(`${module}.weight`)], { axis: -1, epsilon: { float: eps }, stash_type: 1 }),
+    );
+  }
+
+  /**
+   * Residual add + RMSNorm: `sum = x + skip` and `rmsNorm(sum)`, as one `com.microsoft.SkipSimplifiedLayerNormalization`
+   * kernel in float32 graphs (the two ops of {@link rmsNorm} after an Add otherwise).
+   */
+  skipRmsNorm(x: Value, skip: Value, module: string, eps: number, addScope: string): { normed: Value; sum: Value } {
+    const g = this.g;
+    if (this.float !== "float32") {
+      const sum = g.within(addScope, () => g.op("Add", [x, skip]));
+      return { normed: this.rmsNorm(sum, module, eps), sum };
+    }
+    return g.within(module, () => {
+      const [normed, , , sum] = g.node("SkipSimplifiedLayerNormalization", [x, skip, this.param(`${module}.weight`)], { epsilon: { float: eps } }, {
+        outputs: 4,
+        domain: "com.microsoft",
+      }) as [Value, Value, Value, Value];
+      return { normed, sum };
     });
   }
 

@@ -37,6 +37,11 @@ export interface DecoderOptions {
   lastLogitsOnly?: boolean;
   /** Quantize the LM head too when the dtype is int8/int4 (default true). */
   quantizeLmHead?: boolean;
+  /**
+   * Experimental: the layers' Linear weights as W8A8 (`LinearOptions.int8Dynamic`) instead of MatMulNBits
+   * (float32 graphs; the LM head follows the dtype).
+   */
+  w8a8?: boolean;
 }
 
 /** Symbolic dimension names (those transformers.js / onnx-community exports use). */
@@ -102,23 +107,25 @@ function attentionBias(e: ModuleEmitter, attentionMask: Value, inputsEmbeds: Val
 }
 
 /** `model.layers.N.self_attn`; returns the attention output and the present key/value. */
-function selfAttention(e: ModuleEmitter, x: Value, i: number, cfg: DecoderConfig, at: AttentionInputs, pastK: Value, pastV: Value) {
+function selfAttention(e: ModuleEmitter, x: Value, i: number, cfg: DecoderConfig, at: AttentionInputs, pastK: Value, pastV: Value, w8a8: boolean) {
   const g = e.g;
   const p = `model.layers.${i}.self_attn`;
   const nH = cfg.num_attention_heads;
   const kvH = cfg.num_key_value_heads;
   const hd = cfg.head_dim;
   const groups = nH / kvH;
-  const q = e.linear(x, `${p}.q_proj`, { bias: true });
-  const k = e.linear(x, `${p}.k_proj`, { bias: true });
-  const v = e.linear(x, `${p}.v_proj`, { bias: true });
+  const lin = { int8Dynamic: w8a8, ...(w8a8 ? { quantize: false } : {}) };
+  const q = e.linear(x, `${p}.q_proj`, { bias: true, ...lin });
+  const k = e.linear(x, `${p}.k_proj`, { bias: true, ...lin });
+  const v = e.linear(x, `${p}.v_proj`, { bias: true, ...lin });
   return g.within(p, () => {
     // [B,S,heads·hd] → [B,heads,S,hd]
     const heads = (t: Value, n: number) => g.op("Transpose", [g.op("Reshape", [t, g.i64([0, 0, n, hd])])], { perm: [0, 2, 1, 3] });
     const qr = e.rotary(heads(q, nH), at.cos, at.sin, hd);
     const kr = e.rotary(heads(k, kvH), at.cos, at.sin, hd);
-    const presentK = g.op("Concat", [pastK, kr], { axis: 2 });
-    const presentV = g.op("Concat", [pastV, heads(v, kvH)], { axis: 2 });
+    // Named as the graph outputs: no Identity copy of the whole cache per layer and step.
+    const [presentK] = g.node("Concat", [pastK, kr], { axis: 2 }, { outputs: [`present.${i}.key`] }) as [Value];
+    const [presentV] = g.node("Concat", [pastV, heads(v, kvH)], { axis: 2 }, { outputs: [`present.${i}.value`] }) as [Value];
     // GQA without copying K/V: q [B,kvH,groups,S,hd] against k/v [B,kvH,1,T,hd].
     const q5 = g.op("Reshape", [qr, g.i64([0, kvH, groups, -1, hd])]);
     const k5t = g.op("Transpose", [g.op("Unsqueeze", [presentK, g.i64([2])])], { perm: [0, 1, 2, 4, 3] });
@@ -130,7 +137,7 @@ function selfAttention(e: ModuleEmitter, x: Value, i: number, cfg: DecoderConfig
       g.op("Transpose", [g.op("Reshape", [ctx, g.i64([0, nH, -1, hd])])], { perm: [0, 2, 1, 3] }),
       g.i64([0, 0, nH * hd]),
     ]);
-    const out = e.linear(merged, `${p}.o_proj`, { bias: false });
+    const out = e.linear(merged, `${p}.o_proj`, { bias: false, ...lin });
     return { out, presentK, presentV };
   });
 }
@@ -143,12 +150,13 @@ function textAct(e: ModuleEmitter, x: Value, act: string): Value {
 }
 
 /** `model.layers.N.mlp`: down_proj(act(gate_proj(x)) · up_proj(x)). */
-function mlp(e: ModuleEmitter, x: Value, i: number, cfg: DecoderConfig): Value {
+function mlp(e: ModuleEmitter, x: Value, i: number, cfg: DecoderConfig, w8a8: boolean): Value {
   const p = `model.layers.${i}.mlp`;
-  const gate = e.linear(x, `${p}.gate_proj`, { bias: false });
-  const up = e.linear(x, `${p}.up_proj`, { bias: false });
+  const lin = { int8Dynamic: w8a8, ...(w8a8 ? { quantize: false } : {}) };
+  const gate = e.linear(x, `${p}.gate_proj`, { bias: false, ...lin });
+  const up = e.linear(x, `${p}.up_proj`, { bias: false, ...lin });
   const h = e.g.within(p, () => e.g.op("Mul", [textAct(e, gate, cfg.hidden_act), up]));
-  return e.linear(h, `${p}.down_proj`, { bias: false });
+  return e.linear(h, `${p}.down_proj`, { bias: false, ...lin });
 }
 
 /** Builds the decoder graph into `e.g`. */
@@ -174,22 +182,32 @@ export function buildDecoder(e: ModuleEmitter, cfg: DecoderConfig, opts: Decoder
   const { cos, sin } = mropeCosSin(e, positionIds, cfg);
   const at: AttentionInputs = { cos, sin, bias: attentionBias(e, attentionMask, inputsEmbeds) };
 
+  // Residual stream: each RMSNorm after a residual add is one fused SkipSimplifiedLayerNormalization (float32
+  // graphs); `pending` is the branch output not yet added to `h`.
   let h = inputsEmbeds;
+  let pending: Value | null = null;
+  const addNorm = (module: string, scope: string): Value => {
+    if (pending === null) return e.rmsNormFused(h, module, cfg.rms_norm_eps);
+    const r = e.skipRmsNorm(h, pending, module, cfg.rms_norm_eps, scope);
+    h = r.sum;
+    pending = null;
+    return r.normed;
+  };
   const presents: Array<[Value, Value]> = [];
   for (let i = 0; i < cfg.num_hidden_layers; i++) {
     const p = `model.layers.${i}`;
-    const normed = e.rmsNorm(h, `${p}.input_layernorm`, cfg.rms_norm_eps);
-    const attn = selfAttention(e, normed, i, cfg, at, pastKV[i]![0], pastKV[i]![1]);
+    const normed = addNorm(`${p}.input_layernorm`, `model.layers.${i - 1}`);
+    const attn = selfAttention(e, normed, i, cfg, at, pastKV[i]![0], pastKV[i]![1], opts.w8a8 ?? false);
     presents.push([attn.presentK, attn.presentV]);
-    h = g.within(p, () => g.op("Add", [h, attn.out]));
-    const normed2 = e.rmsNorm(h, `${p}.post_attention_layernorm`, cfg.rms_norm_eps);
-    const m = mlp(e, normed2, i, cfg);
-    h = g.within(p, () => g.op("Add", [h, m]));
+    pending = attn.out;
+    const normed2 = addNorm(`${p}.post_attention_layernorm`, p);
+    pending = mlp(e, normed2, i, cfg, opts.w8a8 ?? false);
   }
+  h = g.within(`model.layers.${cfg.num_hidden_layers - 1}`, () => g.op("Add", [h, pending!]));
   const lastOnly = opts.lastLogitsOnly ?? true;
   // The norm and LM head are per position: slicing first keeps [S, vocab] from ever existing.
   if (lastOnly) h = g.within("model", () => g.op("Slice", [h, g.i64([-1]), g.i64([Number.MAX_SAFE_INTEGER]), g.i64([1])]));
-  h = e.rmsNorm(h, "model.norm", cfg.rms_norm_eps);
+  h = e.rmsNormFused(h, "model.norm", cfg.rms_norm_eps);
   const logits = e.linear(h, "lm_head", {
     bias: false,
     quantize: opts.quantizeLmHead ?? true,

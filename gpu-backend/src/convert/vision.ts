@@ -33,6 +33,15 @@ export interface VisionConfig {
   layer_norm_eps: number;
 }
 
+/** Vision-encoder options. */
+export interface VisionOptions {
+  /**
+   * The blocks' Linear layers (qkv, proj, fc1, fc2: 99% of the encoder's FLOPs) as W8A8 integer GEMMs (see
+   * `LinearOptions.int8Dynamic`); the patch embedding and the merger stay float. float32 graphs only.
+   */
+  int8?: boolean;
+}
+
 /** Vision activation functions transformers' ACT2FN provides that this converter supports. */
 export const VISION_ACTS = ["quick_gelu", "gelu", "silu"] as const;
 
@@ -100,13 +109,13 @@ function patchPositions(e: ModuleEmitter, pixelValues: Value, gridThw: Value, cf
 }
 
 /** `visual.blocks.N.attn`: qkv → 2-D rotary → per-frame softmax attention → proj. */
-function visionAttention(e: ModuleEmitter, x: Value, i: number, cfg: VisionConfig, cos: Value, sin: Value, bias: Value): Value {
+function visionAttention(e: ModuleEmitter, x: Value, i: number, cfg: VisionConfig, cos: Value, sin: Value, bias: Value, int8: boolean): Value {
   const g = e.g;
   const p = `visual.blocks.${i}.attn`;
   const E = cfg.embed_dim;
   const nH = cfg.num_heads;
   const hd = cfg.head_dim;
-  const qkv = e.linear(x, `${p}.qkv`, { bias: true, quantize: false });
+  const qkv = e.linear(x, `${p}.qkv`, { bias: true, quantize: false, int8Dynamic: int8 });
   const ctx = g.within(p, () => {
     // [N, 3E] → [N, 3, heads, hd] → [3, heads, N, hd] → q, k, v [1, heads, N, hd]
     const split = g.op("Transpose", [g.op("Reshape", [qkv, g.i64([-1, 3, nH, hd])])], { perm: [1, 2, 0, 3] });
@@ -118,11 +127,12 @@ function visionAttention(e: ModuleEmitter, x: Value, i: number, cfg: VisionConfi
     const out = g.op("MatMul", [probs, v]); // [1, heads, N, hd]
     return g.op("Reshape", [g.op("Transpose", [out], { perm: [0, 2, 1, 3] }), g.i64([-1, E])]);
   });
-  return e.linear(ctx, `${p}.proj`, { bias: true, quantize: false });
+  return e.linear(ctx, `${p}.proj`, { bias: true, quantize: false, int8Dynamic: int8 });
 }
 
 /** Builds the vision encoder graph into `e.g`. */
-export function buildVisionEncoder(e: ModuleEmitter, cfg: VisionConfig): void {
+export function buildVisionEncoder(e: ModuleEmitter, cfg: VisionConfig, opts: VisionOptions = {}): void {
+  const int8 = opts.int8 ?? false;
   const g = e.g;
   if (!(VISION_ACTS as readonly string[]).includes(cfg.hidden_act)) {
     throw new ConvertError("unsupported", `vision_config.hidden_act ${JSON.stringify(cfg.hidden_act)} is not supported (${VISION_ACTS.join(", ")})`);
@@ -143,11 +153,11 @@ export function buildVisionEncoder(e: ModuleEmitter, cfg: VisionConfig): void {
   let x = e.linear(pixelValues, "visual.patch_embed.proj", { bias: false, quantize: false, flatten: true });
   for (let i = 0; i < cfg.depth; i++) {
     const p = `visual.blocks.${i}`;
-    const a = visionAttention(e, e.layerNorm(x, `${p}.norm1`, cfg.layer_norm_eps), i, cfg, cos, sin, bias);
+    const a = visionAttention(e, e.layerNorm(x, `${p}.norm1`, cfg.layer_norm_eps), i, cfg, cos, sin, bias, int8);
     x = g.within(p, () => g.op("Add", [x, a]));
-    const h = e.linear(e.layerNorm(x, `${p}.norm2`, cfg.layer_norm_eps), `${p}.mlp.fc1`, { bias: true, quantize: false });
+    const h = e.linear(e.layerNorm(x, `${p}.norm2`, cfg.layer_norm_eps), `${p}.mlp.fc1`, { bias: true, quantize: false, int8Dynamic: int8 });
     const act = g.within(`${p}.mlp`, () => activation(e, h, cfg.hidden_act));
-    const m = e.linear(act, `${p}.mlp.fc2`, { bias: true, quantize: false });
+    const m = e.linear(act, `${p}.mlp.fc2`, { bias: true, quantize: false, int8Dynamic: int8 });
     x = g.within(p, () => g.op("Add", [x, m]));
   }
   const ln = e.layerNorm(x, "visual.merger.ln_q", cfg.layer_norm_eps);

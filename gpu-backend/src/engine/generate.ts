@@ -8,6 +8,7 @@ import * as ort from "onnxruntime-node";
 import { f16ToF32 } from "../checkpoint/safetensors.ts";
 import { float16Bytes } from "../convert/common.ts";
 import type { LoadedModel } from "./model.ts";
+import { KvCache } from "./kv-cache.ts";
 import { getRopeIndex, type GridThw } from "./rope-index.ts";
 
 /** A failure of one request inside the engine; `code` is a public API error code. */
@@ -57,14 +58,46 @@ function i64(values: ArrayLike<number>, dims: number[]): ort.Tensor {
   return new ort.Tensor("int64", data, dims);
 }
 
+/** An all-ones attention mask [1, n]. */
+function onesMask(n: number): ort.Tensor {
+  return new ort.Tensor("int64", new BigInt64Array(n).fill(1n), [1, n]);
+}
+
+/** `past_key_values.{i}.{key|value}` names, per model (built once). */
+const kvNamesCache = new WeakMap<LoadedModel, { past: string[]; present: string[] }>();
+function kvNames(model: LoadedModel): { past: string[]; present: string[] } {
+  let n = kvNamesCache.get(model);
+  if (!n) {
+    n = { past: [], present: [] };
+    for (let i = 0; i < model.config.text.num_hidden_layers; i++) {
+      for (const kind of ["key", "value"]) {
+        n.past.push(`past_key_values.${i}.${kind}`);
+        n.present.push(`present.${i}.${kind}`);
+      }
+    }
+    kvNamesCache.set(model, n);
+  }
+  return n;
+}
+
+/** Sequences decoded together whose caches are the rows of one left-padded {@link KvCache}. */
+class BatchKv {
+  constructor(
+    readonly seqs: Sequence[],
+    readonly cache: KvCache,
+  ) {}
+}
+
+type KvState = { kind: "own"; cache: KvCache | null } | { kind: "batch"; batch: BatchKv; row: number };
+
 /**
  * A live sequence: its KV cache and position state. `prefill` then `step` repeatedly; each returns the
  * logits for the next token (float32, length = vocab).
  */
 export class Sequence {
   readonly seqLen: number;
-  /** KV cache by past_key_values input name, each [1, kv_heads, fed, head_dim]. */
-  past: Map<string, ort.Tensor> = new Map();
+  /** KV cache: its own ([1, kv_heads, fed, head_dim] per layer and kind), or a row of a batch's. */
+  private kv: KvState = { kind: "own", cache: null };
   private ropeDeltas = 0;
   /** Tokens in the KV cache (prompt + generated tokens fed back). */
   fed = 0;
@@ -84,15 +117,46 @@ export class Sequence {
 
   private check(): void {
     if (this.signal?.aborted) {
-      this.past.clear();
+      this.release();
       throw new CancelledError();
     }
   }
 
   /** `embed_tokens` for ids → [1, n, H] data. */
-  private async embed(ids: ArrayLike<number>): Promise<ort.Tensor> {
-    const out = await this.model.sessions.embed.run({ input_ids: i64(ids, [1, ids.length]) });
-    return out.inputs_embeds!;
+  private embed(ids: ArrayLike<number>): Promise<ort.Tensor> {
+    return this.model.embeddings.lookup(ids, [1, ids.length]);
+  }
+
+  /** @internal The batch holding this sequence's cache, if any. */
+  batchKv(): { batch: BatchKv; row: number } | null {
+    return this.kv.kind === "batch" ? this.kv : null;
+  }
+
+  /** @internal Hands the cache to a batch (its row `row` now holds it). */
+  joinBatch(batch: BatchKv, row: number): void {
+    this.kv = { kind: "batch", batch, row };
+  }
+
+  /** @internal Where this sequence's cache is: a cache and its row (null before the prefill). */
+  kvSource(): { cache: KvCache; row: number } | null {
+    if (this.kv.kind === "batch") return { cache: this.kv.batch.cache, row: this.kv.row };
+    return this.kv.cache ? { cache: this.kv.cache, row: 0 } : null;
+  }
+
+  /** This sequence's own cache (copied out of its batch if it lives in one; created empty before the prefill). */
+  private ownCache(type: "float32" | "float16"): KvCache {
+    if (this.kv.kind === "own" && this.kv.cache) return this.kv.cache;
+    const names = kvNames(this.model);
+    const { num_key_value_heads: kvH, head_dim: hd } = this.model.config.text;
+    let cache: KvCache;
+    if (this.kv.kind === "batch") {
+      cache = KvCache.filled(this.kv.batch.cache, 1, this.fed);
+      this.kv.batch.cache.copyRowTo(this.kv.row, this.fed, cache, 0);
+    } else {
+      cache = new KvCache(names.past, names.present, 1, kvH, hd, type);
+    }
+    this.kv = { kind: "own", cache };
+    return cache;
   }
 
   /** Vision features for the prompt's images, [Σ tokens, H], or null without images. */
@@ -122,26 +186,18 @@ export class Sequence {
   /** Runs the decoder on `embeds` [1, n, H] at `positions` [3][n]; returns the last row of logits. */
   private async decode(embeds: ort.Tensor, positions: [ArrayLike<number>, ArrayLike<number>, ArrayLike<number>]): Promise<Float32Array> {
     const n = embeds.dims[1]!;
-    const { num_hidden_layers: layers, num_key_value_heads: kv, head_dim: hd } = this.model.config.text;
     const pastLen = this.fed;
+    const pos = new BigInt64Array(3 * n);
+    for (let a = 0; a < 3; a++) for (let j = 0; j < n; j++) pos[a * n + j] = BigInt(positions[a]![j]!);
+    const cache = this.ownCache(embeds.type as "float32" | "float16");
     const feeds: Record<string, ort.Tensor> = {
       inputs_embeds: embeds,
-      attention_mask: i64(new Array(pastLen + n).fill(1), [1, pastLen + n]),
-      position_ids: i64([...Array.from(positions[0]), ...Array.from(positions[1]), ...Array.from(positions[2])], [3, 1, n]),
+      attention_mask: onesMask(pastLen + n),
+      position_ids: new ort.Tensor("int64", pos, [3, 1, n]),
+      ...cache.past(),
     };
-    const floatType = embeds.type as "float32" | "float16";
-    for (let i = 0; i < layers; i++) {
-      for (const kind of ["key", "value"]) {
-        const name = `past_key_values.${i}.${kind}`;
-        feeds[name] =
-          this.past.get(name) ??
-          new ort.Tensor(floatType, floatType === "float16" ? new Uint16Array(0) : new Float32Array(0), [1, kv, 0, hd]);
-      }
-    }
-    const out = await this.model.sessions.decoder.run(feeds);
-    for (let i = 0; i < layers; i++) {
-      for (const kind of ["key", "value"]) this.past.set(`past_key_values.${i}.${kind}`, out[`present.${i}.${kind}`]!);
-    }
+    const out = await this.model.sessions.decoder.run(feeds, { logits: null, ...cache.present(n) });
+    cache.commit(n);
     this.fed += n;
     const logits = out.logits!;
     const vocab = logits.dims[2]!;
@@ -195,7 +251,7 @@ export class Sequence {
 
   /** Drops the KV cache (the request's memory) at once. */
   release(): void {
-    this.past.clear();
+    this.kv = { kind: "own", cache: null };
   }
 }
 
@@ -242,57 +298,45 @@ export function topK(logits: Float32Array, k: number): [number, number][] {
  * the longest, padding masked out by `attention_mask`, each sequence at its own M-RoPE position. Returns the
  * next-token logits per sequence and moves each sequence's cache forward by one token.
  * Masked positions get exactly zero attention weight, so each row equals its single-sequence result up to
- * float summation order.
+ * float summation order. The padded batch cache is built only when the batch's membership changes; between
+ * such changes the decoder reads its past from, and writes its present into, the batch's own buffers
+ * ({@link KvCache}), so a step costs no per-sequence copying.
  */
 export async function decodeBatch(model: LoadedModel, seqs: Sequence[], tokenIds: number[]): Promise<Float32Array[]> {
   const B = seqs.length;
   if (B === 1) return [await seqs[0]!.step(tokenIds[0]!)];
   const positions = seqs.map((s) => s.nextPosition());
   const t0 = performance.now();
-  const { num_hidden_layers: layers, num_key_value_heads: kv, head_dim: hd } = model.config.text;
   const lens = seqs.map((s) => s.fed);
-  const L = Math.max(...lens);
-  const embeds = (await model.sessions.embed.run({ input_ids: i64(tokenIds, [B, 1]) })).inputs_embeds!;
-  const floatType = embeds.type as "float32" | "float16";
-  const mask = new Array<number>(B * (L + 1)).fill(0);
-  seqs.forEach((_, b) => mask.fill(1, b * (L + 1) + (L - lens[b]!), (b + 1) * (L + 1)));
+  // The same sequences in the same order as the last step: their cache already is the batch's.
+  const prev = seqs[0]!.batchKv()?.batch;
+  let batch: BatchKv;
+  if (prev && prev.seqs.length === B && seqs.every((s, b) => prev.seqs[b] === s && s.batchKv()?.batch === prev && s.batchKv()!.row === b)) {
+    batch = prev;
+  } else {
+    // Membership changed: build the left-padded batch cache once, trimmed to the longest sequence.
+    const sources = seqs.map((s) => s.kvSource());
+    if (sources.some((x) => x === null)) throw new GenerationError("internal_error", "a sequence joined a batch before its prefill");
+    const cache = KvCache.filled(sources[0]!.cache, B, Math.max(...lens));
+    sources.forEach((src, b) => src!.cache.copyRowTo(src!.row, lens[b]!, cache, b));
+    batch = new BatchKv(seqs.slice(), cache);
+    seqs.forEach((s, b) => s.joinBatch(batch, b));
+  }
+  const cache = batch.cache;
+  const L = cache.L;
+  const embeds = await model.embeddings.lookup(tokenIds, [B, 1]);
+  const mask = new BigInt64Array(B * (L + 1));
+  seqs.forEach((_, b) => mask.fill(1n, b * (L + 1) + (L - lens[b]!), (b + 1) * (L + 1)));
+  const pos = new BigInt64Array(3 * B);
+  for (let a = 0; a < 3; a++) for (let b = 0; b < B; b++) pos[a * B + b] = BigInt(positions[b]!);
   const feeds: Record<string, ort.Tensor> = {
     inputs_embeds: embeds,
-    attention_mask: i64(mask, [B, L + 1]),
-    position_ids: i64([...positions, ...positions, ...positions], [3, B, 1]),
+    attention_mask: new ort.Tensor("int64", mask, [B, L + 1]),
+    position_ids: new ort.Tensor("int64", pos, [3, B, 1]),
+    ...cache.past(),
   };
-  const rowsPerHead = (len: number) => len * hd;
-  for (let i = 0; i < layers; i++) {
-    for (const kind of ["key", "value"]) {
-      const name = `past_key_values.${i}.${kind}`;
-      const data = floatType === "float16" ? new Uint16Array(B * kv * L * hd) : new Float32Array(B * kv * L * hd);
-      seqs.forEach((s, b) => {
-        const src = s.past.get(name)!.data as Float32Array | Uint16Array;
-        const pad = L - lens[b]!;
-        for (let h = 0; h < kv; h++) {
-          const from = h * rowsPerHead(lens[b]!);
-          data.set(src.subarray(from, from + rowsPerHead(lens[b]!)), ((b * kv + h) * L + pad) * hd);
-        }
-      });
-      feeds[name] = new ort.Tensor(floatType, data, [B, kv, L, hd]);
-    }
-  }
-  const out = await model.sessions.decoder.run(feeds);
-  for (let i = 0; i < layers; i++) {
-    for (const kind of ["key", "value"]) {
-      const present = out[`present.${i}.${kind}`]!.data as Float32Array | Uint16Array;
-      seqs.forEach((s, b) => {
-        const len = lens[b]! + 1;
-        const pad = L + 1 - len;
-        const own = floatType === "float16" ? new Uint16Array(kv * len * hd) : new Float32Array(kv * len * hd);
-        for (let h = 0; h < kv; h++) {
-          const from = ((b * kv + h) * (L + 1) + pad) * hd;
-          own.set(present.subarray(from, from + len * hd), h * len * hd);
-        }
-        s.past.set(`past_key_values.${i}.${kind}`, new ort.Tensor(floatType, own, [1, kv, len, hd]));
-      });
-    }
-  }
+  const out = await model.sessions.decoder.run(feeds, { logits: null, ...cache.present(1) });
+  cache.commit(1);
   const logits = out.logits!;
   const vocab = logits.dims[2]!;
   const rows = logits.dims[1]!;

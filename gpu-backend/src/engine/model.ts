@@ -11,6 +11,7 @@ import * as ort from "onnxruntime-node";
 import { parseQwen2VLConfig, type Qwen2VLConfig } from "../checkpoint/config.ts";
 import { modelFingerprint } from "../../../shared/src/fingerprint.ts";
 import { modelMetaFromFiles, type ModelMeta } from "../../../shared/src/model-meta.ts";
+import { type Embeddings, FileEmbeddings, SessionEmbeddings, locateEmbeddingTable } from "./embedding.ts";
 
 export type ExecutionProvider = "cpu" | "cuda";
 
@@ -18,6 +19,14 @@ export interface EngineOptions {
   executionProvider?: ExecutionProvider;
   /** Intra-op threads per session (default: ORT's choice = physical cores). */
   intraOpThreads?: number;
+  /** Extra ONNX Runtime session options, merged over the engine's defaults (tuning and experiments). */
+  sessionOptions?: Partial<ort.InferenceSession.SessionOptions>;
+  /**
+   * Token embeddings: `"file"` (default) reads rows straight from embed_tokens.onnx's bytes on disk, so the
+   * table (which a tied LM head already holds in the decoder) is not kept in memory twice; `"session"` runs
+   * the graph in ONNX Runtime. `"file"` falls back to the session for graphs that are not a plain Gather.
+   */
+  embeddings?: "file" | "session";
 }
 
 /** Start-up failure of the engine; `code` is stable, the message says what to do. */
@@ -51,7 +60,10 @@ export interface LoadedModel {
   dtype: string;
   /** Float type of the graphs' inputs and outputs (fp16 graphs take and return float16). */
   ioFloatType: "float32" | "float16";
-  sessions: { vision: ort.InferenceSession; embed: ort.InferenceSession; decoder: ort.InferenceSession };
+  /** `embed` is absent when the embeddings are read from the graph file (see {@link EngineOptions.embeddings}). */
+  sessions: { vision: ort.InferenceSession; embed?: ort.InferenceSession; decoder: ort.InferenceSession };
+  /** `input_ids` → `inputs_embeds`. */
+  embeddings: Embeddings;
 }
 
 async function readJson(path: string): Promise<Record<string, unknown>> {
@@ -68,6 +80,7 @@ function sessionOptions(opts: EngineOptions): ort.InferenceSession.SessionOption
     executionProviders: ep === "cuda" ? ["cuda"] : ["cpu"],
     graphOptimizationLevel: "all",
     ...(opts.intraOpThreads ? { intraOpNumThreads: opts.intraOpThreads, interOpNumThreads: 1 } : {}),
+    ...opts.sessionOptions,
   };
 }
 
@@ -121,11 +134,21 @@ export async function loadModel(dir: string, opts: EngineOptions = {}): Promise<
     image_mean: (preprocessorJson.image_mean as number[] | undefined) ?? [0.48145466, 0.4578275, 0.40821073],
     image_std: (preprocessorJson.image_std as number[] | undefined) ?? [0.26862954, 0.26130258, 0.27577711],
   };
-  const [vision, embed, decoder] = [
-    await createSession(join(dir, "vision_encoder.onnx"), opts),
-    await createSession(join(dir, "embed_tokens.onnx"), opts),
-    await createSession(join(dir, "decoder_model_merged.onnx"), opts),
-  ];
+  const ioFloatType = manifest.io_float_type === "float16" ? "float16" : "float32";
+  const embedPath = join(dir, "embed_tokens.onnx");
+  let table = null;
+  if ((opts.embeddings ?? "file") === "file") {
+    try {
+      table = locateEmbeddingTable(embedPath);
+    } catch (e) {
+      throw new EngineLoadError("bad_model", `cannot read ${embedPath}: ${(e as Error).message}`, { cause: e });
+    }
+    if (table && (table.type !== ioFloatType || table.hidden !== config.text.hidden_size)) table = null;
+  }
+  const vision = await createSession(join(dir, "vision_encoder.onnx"), opts);
+  const embed = table ? undefined : await createSession(embedPath, opts);
+  const decoder = await createSession(join(dir, "decoder_model_merged.onnx"), opts);
+  const embeddings: Embeddings = table ? new FileEmbeddings(table) : new SessionEmbeddings(embed!, ioFloatType, config.text.hidden_size);
   return {
     dir,
     config,
@@ -134,11 +157,13 @@ export async function loadModel(dir: string, opts: EngineOptions = {}): Promise<
     tokenizerJson,
     tokenizerConfig,
     dtype: typeof manifest.dtype === "string" ? manifest.dtype : "fp32",
-    ioFloatType: manifest.io_float_type === "float16" ? "float16" : "float32",
-    sessions: { vision, embed, decoder },
+    ioFloatType,
+    sessions: { vision, ...(embed ? { embed } : {}), decoder },
+    embeddings,
   };
 }
 
 export async function releaseModel(model: LoadedModel): Promise<void> {
-  await Promise.all(Object.values(model.sessions).map((s) => s.release()));
+  await model.embeddings.release();
+  await Promise.all([model.sessions.vision, model.sessions.decoder].map((s) => s.release()));
 }
