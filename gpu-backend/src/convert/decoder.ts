@@ -11,6 +11,10 @@
  * `model.layers.N` = input_layernorm → self_attn (q/k/v with bias, M-RoPE, GQA, causal+padding mask,
  * float32 softmax) → residual → post_attention_layernorm → mlp (SwiGLU) → residual; `model.norm`;
  * `lm_head` (tied to `model.embed_tokens` unless the config says otherwise).
+ *
+ * float32 graphs fuse each RMSNorm (and the residual add before it) into ONNX Runtime's
+ * `SimplifiedLayerNormalization` / `com.microsoft.SkipSimplifiedLayerNormalization` kernels; `present.*` are
+ * the KV Concat outputs themselves, and grouped-query attention reads K/V without copying them.
  */
 import type { Value } from "../onnx/index.ts";
 import { ConvertError, F32_MIN, type ModuleEmitter, ropeInvFreq } from "./common.ts";
@@ -57,7 +61,10 @@ interface AttentionInputs {
   /** [B, 1, S, hd] in the float type. */
   cos: Value;
   sin: Value;
-  /** Additive mask [B, 1, 1, S, T] float32: 0 where attending is allowed, float32 min elsewhere. */
+  /**
+   * Additive mask [B, 1, groups·S, T] float32 (the [B, 1, S, T] mask repeated for each query head of a KV
+   * head): 0 where attending is allowed, float32 min elsewhere.
+   */
   bias: Value;
 }
 
@@ -89,7 +96,7 @@ function mropeCosSin(e: ModuleEmitter, positionIds: Value, cfg: DecoderConfig): 
  * and attention_mask[b, j] = 1. Masked entries get float32 min (not −inf), as transformers does, so a
  * fully padded query row stays finite.
  */
-function attentionBias(e: ModuleEmitter, attentionMask: Value, inputsEmbeds: Value): Value {
+function attentionBias(e: ModuleEmitter, attentionMask: Value, inputsEmbeds: Value, groups: number): Value {
   const g = e.g;
   return g.within("model/causal_mask", () => {
     const total = g.op("Squeeze", [g.op("Shape", [attentionMask], { start: 1, end: 2 }), g.i64([0])]);
@@ -102,7 +109,8 @@ function attentionBias(e: ModuleEmitter, attentionMask: Value, inputsEmbeds: Val
     const padding = g.op("Unsqueeze", [g.op("Cast", [attentionMask], { to: 9 }), g.i64([1, 2])]); // [B,1,1,T]
     const allowed = g.op("And", [causal, padding]); // [B,1,S,T]
     const bias = g.op("Where", [allowed, g.f32Scalar(0), g.f32Scalar(F32_MIN)]);
-    return g.op("Unsqueeze", [bias, g.i64([1])]); // [B,1,1,S,T] to broadcast over (kv_heads, groups)
+    // Rows in the order of the grouped queries (group-major, then position); broadcast over kv heads.
+    return groups === 1 ? bias : g.op("Tile", [bias, g.i64([1, 1, groups, 1])]);
   });
 }
 
@@ -113,7 +121,6 @@ function selfAttention(e: ModuleEmitter, x: Value, i: number, cfg: DecoderConfig
   const nH = cfg.num_attention_heads;
   const kvH = cfg.num_key_value_heads;
   const hd = cfg.head_dim;
-  const groups = nH / kvH;
   const lin = { int8Dynamic: w8a8, ...(w8a8 ? { quantize: false } : {}) };
   const q = e.linear(x, `${p}.q_proj`, { bias: true, ...lin });
   const k = e.linear(x, `${p}.k_proj`, { bias: true, ...lin });
@@ -126,13 +133,13 @@ function selfAttention(e: ModuleEmitter, x: Value, i: number, cfg: DecoderConfig
     // Named as the graph outputs: no Identity copy of the whole cache per layer and step.
     const [presentK] = g.node("Concat", [pastK, kr], { axis: 2 }, { outputs: [`present.${i}.key`] }) as [Value];
     const [presentV] = g.node("Concat", [pastV, heads(v, kvH)], { axis: 2 }, { outputs: [`present.${i}.value`] }) as [Value];
-    // GQA without copying K/V: q [B,kvH,groups,S,hd] against k/v [B,kvH,1,T,hd].
-    const q5 = g.op("Reshape", [qr, g.i64([0, kvH, groups, -1, hd])]);
-    const k5t = g.op("Transpose", [g.op("Unsqueeze", [presentK, g.i64([2])])], { perm: [0, 1, 2, 4, 3] });
-    const v5 = g.op("Unsqueeze", [presentV, g.i64([2])]);
-    const scores = g.op("Div", [g.op("MatMul", [q5, k5t]), e.constant([Math.sqrt(hd)], [])]);
+    // GQA without copying K/V: the query heads of each KV head as one [groups·S, hd] matrix against that
+    // head's K/V ([B, kvH, T, hd], used as they are — K's transpose folds into the MatMul).
+    const qg = g.op("Reshape", [qr, g.i64([0, kvH, -1, hd])]); // [B,kvH,groups·S,hd]
+    const kt = g.op("Transpose", [presentK], { perm: [0, 1, 3, 2] });
+    const scores = g.op("Div", [g.op("MatMul", [qg, kt]), e.constant([Math.sqrt(hd)], [])]);
     const probs = e.fromF32(g.op("Softmax", [g.op("Add", [e.toF32(scores), at.bias])], { axis: -1 }));
-    const ctx = g.op("MatMul", [probs, v5]); // [B,kvH,groups,S,hd]
+    const ctx = g.op("MatMul", [probs, presentV]); // [B,kvH,groups·S,hd]
     const merged = g.op("Reshape", [
       g.op("Transpose", [g.op("Reshape", [ctx, g.i64([0, nH, -1, hd])])], { perm: [0, 2, 1, 3] }),
       g.i64([0, 0, nH * hd]),
@@ -180,7 +187,7 @@ export function buildDecoder(e: ModuleEmitter, cfg: DecoderConfig, opts: Decoder
   }
 
   const { cos, sin } = mropeCosSin(e, positionIds, cfg);
-  const at: AttentionInputs = { cos, sin, bias: attentionBias(e, attentionMask, inputsEmbeds) };
+  const at: AttentionInputs = { cos, sin, bias: attentionBias(e, attentionMask, inputsEmbeds, cfg.num_attention_heads / cfg.num_key_value_heads) };
 
   // Residual stream: each RMSNorm after a residual add is one fused SkipSimplifiedLayerNormalization (float32
   // graphs); `pending` is the branch output not yet added to `h`.
