@@ -16,24 +16,26 @@
  * `SimplifiedLayerNormalization` / `com.microsoft.SkipSimplifiedLayerNormalization` kernels; `present.*` are
  * the KV Concat outputs themselves, and grouped-query attention reads K/V without copying them.
  */
+import type { Qwen2VLConfig } from "../checkpoint/config.ts";
 import type { Value } from "../onnx/index.ts";
 import { ConvertError, F32_MIN, type ModuleEmitter, ropeInvFreq } from "./common.ts";
 
-/** The text-model settings the decoder needs (a subset of the checkpoint module's `Qwen2VLConfig.text`). */
-export interface DecoderConfig {
-  hidden_size: number;
-  num_hidden_layers: number;
-  num_attention_heads: number;
-  num_key_value_heads: number;
-  head_dim: number;
-  intermediate_size: number;
-  hidden_act: string;
-  rms_norm_eps: number;
-  rope_theta: number;
-  mrope_section: [number, number, number];
-  vocab_size: number;
-  tie_word_embeddings: boolean;
-}
+/** The text-model settings the decoder needs (the checkpoint module's `Qwen2VLConfig.text`). */
+export type DecoderConfig = Pick<
+  Qwen2VLConfig["text"],
+  | "hidden_size"
+  | "num_hidden_layers"
+  | "num_attention_heads"
+  | "num_key_value_heads"
+  | "head_dim"
+  | "intermediate_size"
+  | "hidden_act"
+  | "rms_norm_eps"
+  | "rope_theta"
+  | "mrope_section"
+  | "vocab_size"
+  | "tie_word_embeddings"
+>;
 
 /** Decoder-specific options. */
 export interface DecoderOptions {

@@ -15,23 +15,12 @@
  * image from cumulative patch counts, then its (h, w) from the index inside the frame, undoing the
  * merge-window order (block row/col, then row/col inside the merge×merge block).
  */
+import type { Qwen2VLConfig } from "../checkpoint/config.ts";
 import type { Value } from "../onnx/index.ts";
 import { ConvertError, F32_MIN, type ModuleEmitter, ropeInvFreq } from "./common.ts";
 
-/** The vision settings the encoder needs (a subset of the checkpoint module's `Qwen2VLConfig.vision`). */
-export interface VisionConfig {
-  embed_dim: number;
-  depth: number;
-  num_heads: number;
-  head_dim: number;
-  hidden_size: number;
-  patch_size: number;
-  temporal_patch_size: number;
-  spatial_merge_size: number;
-  in_channels: number;
-  hidden_act: string;
-  layer_norm_eps: number;
-}
+/** The vision settings the encoder needs (the checkpoint module's `Qwen2VLConfig.vision`). */
+export type VisionConfig = Omit<Qwen2VLConfig["vision"], "mlp_ratio">;
 
 /** Vision-encoder options. */
 export interface VisionOptions {
