@@ -1,23 +1,23 @@
 /**
  * Child: a proxy for the edge isolate's memory — in Node's V8, the heap growth from what the worker does on
- * its first /v1/vqa: the bundled tokenizer text (a module string in the worker), JSON.parse, and
- * `new Tokenizer(...)` from @huggingface/tokenizers, plus one encode. workerd's isolate is a different V8
+ * its first /v1/vqa: the bundled tokenizer tables (edge/generated/tokenizer.bin, an ArrayBuffer module in the
+ * worker), `deserializeBpe` + `new BpeTokenizer`, plus one encode. workerd's isolate is a different V8
  * embedding, so these are proxies, not the isolate's own numbers.
  */
 import { readFileSync } from "node:fs";
 import { setFlagsFromString } from "node:v8";
 import { runInNewContext } from "node:vm";
-import { Tokenizer } from "@huggingface/tokenizers";
+import { BpeTokenizer, deserializeBpe } from "../../shared/src/tokenizer/index.ts";
 import { childArgs, childDone, childMain } from "../lib/common.ts";
 
 export interface TokenizerHeapResult {
-  text_bytes: number;
+  /** size of the bundled tables */
+  bundle_bytes: number;
   /** heapUsed + external + arrayBuffers deltas over the baseline, bytes */
-  after_text: number;
-  after_parse: number;
+  after_bundle: number;
   after_tokenizer: number;
-  /** tokenizer + module text kept, parsed JSON dropped (what the worker holds after its first request) */
-  retained: number;
+  /** after two encodes (regexes compiled, piece cache filled) */
+  after_encode: number;
   rss_delta: number;
   construct_ms: number;
   first_encode_ms: number;
@@ -41,32 +41,26 @@ childMain(async () => {
     return { heap: m.heapUsed + m.external + m.arrayBuffers, rss: m.rss };
   };
   const base = used();
-  let text: string | null = readFileSync(file, "utf8");
-  const afterText = used();
-  let json: unknown = JSON.parse(text);
-  const afterParse = used();
+  const bytes = new Uint8Array(readFileSync(file));
+  const afterBundle = used();
   const t0 = performance.now();
-  const tok = new Tokenizer(json as Record<string, unknown>, { clean_up_tokenization_spaces: false });
+  const tok = new BpeTokenizer(deserializeBpe(bytes));
   const constructMs = performance.now() - t0;
+  const afterTok = used();
   const t1 = performance.now();
-  tok.encode(sample, { add_special_tokens: false });
+  tok.encode(sample);
   const firstEncodeMs = performance.now() - t1;
   const t2 = performance.now();
-  const ids = tok.encode(sample, { add_special_tokens: false }).ids;
+  const ids = tok.encode(sample);
   const secondEncodeMs = performance.now() - t2;
-  const afterTok = used();
-  json = null;
-  const retained = used();
-  const textBytes = Buffer.byteLength(text);
-  text = text.length ? text : null; // keep the module string alive until here, like the worker does
+  const afterEncode = used();
   if (ids.length === 0) throw new Error("empty encoding");
   childDone({
-    text_bytes: textBytes,
-    after_text: afterText.heap - base.heap,
-    after_parse: afterParse.heap - base.heap,
+    bundle_bytes: bytes.byteLength,
+    after_bundle: afterBundle.heap - base.heap,
     after_tokenizer: afterTok.heap - base.heap,
-    retained: retained.heap - base.heap,
-    rss_delta: retained.rss - base.rss,
+    after_encode: afterEncode.heap - base.heap,
+    rss_delta: afterEncode.rss - base.rss,
     construct_ms: constructMs,
     first_encode_ms: firstEncodeMs,
     second_encode_ms: secondEncodeMs,

@@ -2,15 +2,15 @@
  * `edge`: the worker's own work under `wrangler dev` (auth, rate-limit Durable Object, multipart parsing and
  * validation, chat template + tokenization, wire encoding + HMAC signing, NDJSON relay), with the backend
  * answered at once by a local double (start + one token + done). Measures:
- *   - cold start: spawning wrangler → /healthz answers → first successful /v1/vqa (the tokenizer is built
- *     lazily on the first /v1/vqa), and that first /v1/vqa vs the second, over several fresh starts
+ *   - cold start: spawning wrangler → /healthz answers → first successful /v1/vqa (the tokenizer tables are
+ *     loaded on the first /v1/vqa), and that first /v1/vqa vs the second, over several fresh starts
  *   - load: req/s and p50/p99 of /v1/vqa (not streamed) with N requests from C concurrent clients, and of
  *     /healthz (auth-free, no work) as the peer measured on the same worker in the same run
  *   - isolate memory proxy: heap growth of building the tokenizer in a Node child (see the child)
  * Loopback only; the rate limits are raised by --var so that the limiter admits every request (its
  * Durable Object call still runs).
  */
-import { spawn, type ChildProcess } from "node:child_process";
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, openSync, readFileSync, readdirSync, rmSync } from "node:fs";
 import { createServer as createHttpServer, type Server } from "node:http";
 import { createServer as createNetServer } from "node:net";
@@ -143,13 +143,25 @@ function startWrangler(p: { modelDir: string; backendUrl: string; persistDir: st
   })();
 }
 
-/**
- * RSS of the workerd process(es) in wrangler's process group (Linux /proc), bytes; null where unavailable.
- * A second proxy for isolate memory: the real runtime, but the whole process (runtime + every isolate).
- */
-export function workerdRss(pgid: number): number | null {
+/** Kernel clock ticks per second, the unit of /proc/<pid>/stat CPU times. */
+const CLK_TCK = (() => {
   try {
-    let total = 0;
+    return Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).trim()) || 100;
+  } catch {
+    return 100;
+  }
+})();
+
+/**
+ * RSS and CPU time (user + system) of the workerd process(es) in wrangler's process group (Linux /proc);
+ * null where unavailable. RSS is a second proxy for isolate memory (the real runtime, but the whole process:
+ * runtime + every isolate); CPU over a load run divided by its requests bounds the worker's own CPU per
+ * request from above (it includes workerd's HTTP handling, the Durable Object and the backend fetch).
+ */
+export function workerdProc(pgid: number): { rss: number; cpu_ms: number } | null {
+  try {
+    let rss = 0;
+    let cpu = 0;
     let found = false;
     for (const pid of readdirSync("/proc").filter((d) => /^\d+$/.test(d))) {
       let stat: string;
@@ -164,11 +176,12 @@ export function workerdRss(pgid: number): number | null {
       if (Number(fields[2]) !== pgid || !comm.includes("workerd")) continue;
       const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
       if (m) {
-        total += Number(m[1]) * 1024;
+        rss += Number(m[1]) * 1024;
+        cpu += ((Number(fields[11]) + Number(fields[12])) * 1000) / CLK_TCK;
         found = true;
       }
     }
-    return found ? total : null;
+    return found ? { rss, cpu_ms: cpu } : null;
   } catch {
     return null;
   }
@@ -223,6 +236,8 @@ export interface LoadResult {
   p99_ms: number;
   max_ms: number;
   statuses: Record<string, number>;
+  /** workerd CPU time (user + system) over the run / requests; set by the caller */
+  workerd_cpu_ms_per_request?: number;
 }
 
 async function load(n: number, clients: number, one: () => Promise<{ status: number; ms: number }>): Promise<LoadResult> {
@@ -279,10 +294,10 @@ export async function edgeSuite(opts: BenchOptions): Promise<{ file: string; bod
       const e = edge;
       await waitUntil(async () => (await healthz(e.url)).status === 200, 120_000, e.child);
       const healthy = performance.now() - t0;
-      const rssHealthy = workerdRss(e.child.pid!);
+      const rssHealthy = workerdProc(e.child.pid!)?.rss ?? null;
       const first = await vqa(e.url, token);
       const firstDone = performance.now() - t0;
-      const rssFirst = workerdRss(e.child.pid!);
+      const rssFirst = workerdProc(e.child.pid!)?.rss ?? null;
       const second = await vqa(e.url, token);
       const third = await vqa(e.url, token);
       cold.push({
@@ -304,10 +319,16 @@ export async function edgeSuite(opts: BenchOptions): Promise<{ file: string; bod
     const e = edge!;
     log(`edge: warm-up, then ${opts.requests} × /healthz and ${opts.requests} × /v1/vqa with ${opts.clients} clients`);
     await load(Math.min(20, opts.requests), opts.clients, () => vqa(e.url, token));
+    const cpu = () => workerdProc(e.child.pid!)?.cpu_ms ?? NaN;
+    const c0 = cpu();
     const h = await load(opts.requests, opts.clients, () => healthz(e.url));
+    const c1 = cpu();
     const v = await load(opts.requests, opts.clients, () => vqa(e.url, token));
+    const c2 = cpu();
+    h.workerd_cpu_ms_per_request = (c1 - c0) / h.requests;
+    v.workerd_cpu_ms_per_request = (c2 - c1) / v.requests;
     loads = { healthz: h, vqa: v };
-    workerdRssAfterLoad = workerdRss(e.child.pid!);
+    workerdRssAfterLoad = workerdProc(e.child.pid!)?.rss ?? null;
   } finally {
     await edge?.stop();
     await double.close();
@@ -316,7 +337,7 @@ export async function edgeSuite(opts: BenchOptions): Promise<{ file: string; bod
   const heap = (
     await runChild<TokenizerHeapResult>(
       "tokenizer-heap.ts",
-      { file: join(ROOT, "edge", "generated", "tokenizer.json.txt"), sample: "What attribute can be observed in this image?\nA) Focal flair hyperintensity" },
+      { file: join(ROOT, "edge", "generated", "tokenizer.bin"), sample: "What attribute can be observed in this image?\nA) Focal flair hyperintensity" },
       { timeoutS: 120 },
     )
   ).result;
@@ -336,16 +357,17 @@ export async function edgeSuite(opts: BenchOptions): Promise<{ file: string; bod
     [fmtS(c.healthy_ms), fmtS(c.first_vqa_done_ms), fmtS(c.first_vqa_ms), fmtS(c.second_vqa_ms), fmtS(c.third_vqa_ms), `×${fmt(c.first_vqa_ms.median / c.second_vqa_ms.median, 1)}`],
   ]);
   if (loads) {
-    const row = (name: string, r: LoadResult) => [name, String(r.requests), String(r.clients), fmt(r.rps, 1), fmt(r.p50_ms, 1), fmt(r.p99_ms, 1), fmt(r.max_ms, 1), Object.entries(r.statuses).map(([k, v]) => `${k}×${v}`).join(" ")];
+    const row = (name: string, r: LoadResult) => [name, String(r.requests), String(r.clients), fmt(r.rps, 1), fmt(r.p50_ms, 1), fmt(r.p99_ms, 1), fmt(r.max_ms, 1), fmt(r.workerd_cpu_ms_per_request ?? NaN, 2), Object.entries(r.statuses).map(([k, v]) => `${k}×${v}`).join(" ")];
     text += `\n\nedge under load (backend double answers at once; loopback; the client runs on the same 2 cores)\n`;
-    text += table([["route", "requests", "clients", "req/s", "p50 ms", "p99 ms", "max ms", "statuses"], row("GET /healthz", loads.healthz), row("POST /v1/vqa", loads.vqa)]);
+    text += table([["route", "requests", "clients", "req/s", "p50 ms", "p99 ms", "max ms", "workerd CPU ms/req", "statuses"], row("GET /healthz", loads.healthz), row("POST /v1/vqa", loads.vqa)]);
+    text += `\n/v1/vqa's own CPU (workerd CPU per /v1/vqa minus per /healthz): ${fmt(loads.vqa.workerd_cpu_ms_per_request! - loads.healthz.workerd_cpu_ms_per_request!, 2)} ms`;
     text += `\n/v1/vqa vs /healthz on the same worker: p50 ×${fmt(loads.vqa.p50_ms / loads.healthz.p50_ms, 1)}, req/s ×${fmt(loads.vqa.rps / loads.healthz.rps, 2)}; backend double served ${double.served()} (${double.bad()} malformed)`;
   }
   const rssGrowth = spread(cold.map((x) => (x.workerd_rss_after_first_vqa ?? NaN) - (x.workerd_rss_after_healthz ?? NaN)));
   if (rssGrowth.n > 0) {
     text += `\n\nworkerd process RSS (whole runtime): after /healthz ${fmtBytes(cold[0]!.workerd_rss_after_healthz)}, growth over the first /v1/vqa ${fmtBytes(rssGrowth.median)} (median of ${rssGrowth.n} starts), after the load test ${fmtBytes(workerdRssAfterLoad)}`;
   }
-  text += `\n\nisolate memory proxy (Node V8, not workerd): tokenizer text ${fmtBytes(heap.text_bytes)}; heap+external after JSON.parse ${fmtBytes(heap.after_parse)}, after new Tokenizer ${fmtBytes(heap.after_tokenizer)} (RSS +${fmtBytes(heap.rss_delta)}); construct ${fmt(heap.construct_ms, 0)} ms, first encode ${fmt(heap.first_encode_ms, 1)} ms, then ${fmt(heap.second_encode_ms, 2)} ms\n`;
+  text += `\n\nisolate memory proxy (Node V8, not workerd): tokenizer tables ${fmtBytes(heap.bundle_bytes)}; heap+external after loading them ${fmtBytes(heap.after_bundle)}, after new BpeTokenizer ${fmtBytes(heap.after_tokenizer)}, after two encodes ${fmtBytes(heap.after_encode)} (RSS +${fmtBytes(heap.rss_delta)}); construct ${fmt(heap.construct_ms, 1)} ms, first encode ${fmt(heap.first_encode_ms, 1)} ms, then ${fmt(heap.second_encode_ms, 2)} ms\n`;
   process.stdout.write(text);
   const body = { suite: "edge", created: new Date().toISOString(), machine, options: opts, cold_starts: cold, cold_summary: c, workerd_rss_after_load: workerdRssAfterLoad, load: loads, backend_double: { served: double.served(), malformed: double.bad() }, tokenizer_heap_proxy: heap };
   return { file: writeResult(opts, "edge", body), body };

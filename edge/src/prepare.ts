@@ -31,7 +31,7 @@ let reservedTexts: string[] | null = null;
 
 /** The tokenizer's special token strings (`<|im_start|>`, `<|image_pad|>`, …): user text must not contain them. */
 function reservedTokenTexts(): string[] {
-  reservedTexts ??= [...getTokenizer().get_added_tokens_decoder().values()].map((t) => t.content);
+  reservedTexts ??= getTokenizer().addedTokens.map((t) => t.content);
   return reservedTexts;
 }
 

@@ -1,26 +1,25 @@
 /**
- * The served model's tokenizer, bundled at build time (scripts/build-edge-model.ts writes
- * edge/generated/tokenizer.json.txt and model-meta.json). Constructed lazily on first use and kept for the
- * isolate's life: parsing the tokenizer.json is the edge's main cold-start cost, so it is paid by the first
- * request that needs it rather than by every isolate start (health checks, rejected requests).
- * (Workers freeze the clock during synchronous work, so its cost is measured from outside: see bench/.)
+ * The served model's tokenizer, bundled at build time: scripts/build-edge-model.ts compiles the model's
+ * tokenizer.json into edge/generated/tokenizer.bin (merge tables, see shared/src/tokenizer/binary.ts; a Data
+ * module, wrangler's default `**\/*.bin` rule) and writes model-meta.json. Loading the tables is a few
+ * typed-array views (under a millisecond), so the tokenizer costs an isolate's cold start almost nothing;
+ * it is still built on first use, so requests that never tokenize (health checks, rejections) skip it.
  */
-import { Tokenizer } from "@huggingface/tokenizers";
-import tokenizerJson from "../../generated/tokenizer.json.txt";
+import tokenizerTables from "../../generated/tokenizer.bin";
 import modelMetaJson from "../../generated/model-meta.json";
 import type { ModelMeta } from "../../../shared/src/model-meta.ts";
+import { BpeTokenizer, deserializeBpe } from "../../../shared/src/tokenizer/index.ts";
 
 export const MODEL_META: ModelMeta = modelMetaJson as ModelMeta;
 
-let tokenizer: Tokenizer | null = null;
+let tokenizer: BpeTokenizer | null = null;
 
-export function getTokenizer(): Tokenizer {
-  // Qwen2's tokenizer config only affects decoding; Qwen2-VL has clean_up_tokenization_spaces off.
-  tokenizer ??= new Tokenizer(JSON.parse(tokenizerJson), { clean_up_tokenization_spaces: false });
+export function getTokenizer(): BpeTokenizer {
+  tokenizer ??= new BpeTokenizer(deserializeBpe(new Uint8Array(tokenizerTables)));
   return tokenizer;
 }
 
 /** Token ids of `text` exactly as the reference (no BOS or other added specials: the chat template has them). */
 export function encode(text: string): number[] {
-  return getTokenizer().encode(text, { add_special_tokens: false }).ids;
+  return getTokenizer().encode(text);
 }

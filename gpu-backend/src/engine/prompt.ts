@@ -7,15 +7,16 @@
 import { readFile } from "node:fs/promises";
 import { isAbsolute, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { Tokenizer } from "@huggingface/tokenizers";
+import { BpeTokenizer } from "../../../shared/src/tokenizer/index.ts";
 import { renderChatTemplate, contentKind, type ChatMessage, type ContentItem } from "../../../shared/src/chat-template.ts";
 import { expandImagePads } from "../../../shared/src/image-tokens.ts";
 import { preprocessImages, type PreprocessImageInput, type PreprocessOptions } from "../preprocess/index.ts";
 import type { LoadedModel } from "./model.ts";
 import type { PromptInput } from "./generate.ts";
 
-export function createTokenizer(model: LoadedModel): Tokenizer {
-  return new Tokenizer(model.tokenizerJson, { ...model.tokenizerConfig, clean_up_tokenization_spaces: false });
+/** The model's tokenizer (the same encoder the edge bundles, compiled from the folder's tokenizer.json). */
+export function createTokenizer(model: LoadedModel): BpeTokenizer {
+  return BpeTokenizer.fromTokenizerJson(model.tokenizerJson);
 }
 
 /** Reads an image reference of a message item: a path (relative to `baseDir`), a `file://` URL or a data URI. */
@@ -56,7 +57,7 @@ export interface BuiltPrompt extends PromptInput {
 /** Builds the full model input from chat messages (image paths resolved against `baseDir`). */
 export async function buildPrompt(
   model: LoadedModel,
-  tokenizer: Tokenizer,
+  tokenizer: BpeTokenizer,
   messages: ChatMessage[],
   baseDir: string,
   limits: { maxImageTokens?: number } = {},
@@ -76,7 +77,7 @@ export async function buildPrompt(
     ? await preprocessImages(images, preprocessOptionsOf(model, limits.maxImageTokens))
     : { pixelValues: new Float32Array(0), gridThw: [] as [number, number, number][], imageTokens: [] as number[] };
   const promptText = renderChatTemplate(messages, { addGenerationPrompt: true });
-  const inputIdsUnexpanded = tokenizer.encode(promptText, { add_special_tokens: false }).ids;
+  const inputIdsUnexpanded = tokenizer.encode(promptText);
   const inputIds = expandImagePads(inputIdsUnexpanded, pre.imageTokens, model.meta.image_token_id);
   return {
     promptText,

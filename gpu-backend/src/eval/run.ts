@@ -187,7 +187,7 @@ export async function buildLocalRequest(
     { patchSize: p.patch_size, mergeSize: p.merge_size, temporalPatchSize: p.temporal_patch_size, minPixels: p.min_pixels, maxPixels: p.max_pixels },
   );
   const text = renderChatTemplate(promptFor(item).messages, { addGenerationPrompt: true });
-  const ids = tokenizer.encode(text, { add_special_tokens: false }).ids;
+  const ids = tokenizer.encode(text);
   return {
     id,
     inputIds: expandImagePads(ids, [grid.tokens], model.meta.image_token_id),
