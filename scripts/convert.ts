@@ -3,7 +3,11 @@
  *
  *   npx tsx scripts/convert.ts --model <folder|hub id> --out <folder> [--dtype fp32|fp16|int8|int4]
  *       [--block-size 32|128] [--symmetric] [--accuracy-level 0..4] [--no-quantize-lm-head]
- *       [--full-logits] [--external-data auto|always|never] [--hash-files] [--overwrite]
+ *       [--vision-int8 | --no-vision-int8] [--full-logits] [--external-data auto|always|never]
+ *       [--hash-files] [--overwrite]
+ *
+ * --vision-int8 / --no-vision-int8: the vision encoder's blocks as W8A8 integer GEMMs (int8 weights per output
+ * feature, int8 activations per token) or float32. Default: W8A8 for int4 only. fp16 has no W8A8 vision.
  *
  * A progress bar on a TTY, one summary line otherwise. Exit status 0 on success, 1 when the conversion fails
  * (the message names the tensor/file/setting; nothing is left half-written), 2 for usage errors.
@@ -15,8 +19,10 @@ import { CONVERT_DTYPES, type ConvertDtype, ConvertError, type ConvertOptions, c
 
 const USAGE =
   "usage: npx tsx scripts/convert.ts --model <folder|hub id> --out <folder> [--dtype fp32|fp16|int8|int4] " +
-  "[--block-size N] [--symmetric] [--accuracy-level 0..4] [--no-quantize-lm-head] [--full-logits] " +
-  "[--external-data auto|always|never] [--hash-files] [--overwrite]";
+  "[--block-size N] [--symmetric] [--accuracy-level 0..4] [--no-quantize-lm-head] " +
+  "[--vision-int8 | --no-vision-int8] [--full-logits] [--external-data auto|always|never] [--hash-files] [--overwrite]\n" +
+  "  --vision-int8, --no-vision-int8  vision encoder blocks as W8A8 int8 GEMMs, or float32 " +
+  "(default: int8 vision for --dtype int4 only; not available for fp16)";
 
 /** Where the CLI writes (injectable for tests). */
 export interface CliIO {
@@ -51,6 +57,8 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
         symmetric: { type: "boolean", default: false },
         "accuracy-level": { type: "string" },
         "no-quantize-lm-head": { type: "boolean", default: false },
+        "vision-int8": { type: "boolean", default: false },
+        "no-vision-int8": { type: "boolean", default: false },
         "full-logits": { type: "boolean", default: false },
         "external-data": { type: "string", default: "auto" },
         "hash-files": { type: "boolean", default: false },
@@ -82,6 +90,9 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
     quant.accuracyLevel = n;
   }
   if (values.symmetric) quant.symmetric = true;
+  if (values["vision-int8"] && values["no-vision-int8"]) return usage("--vision-int8 and --no-vision-int8 exclude each other");
+  if (values["vision-int8"] && dtype === "fp16") return usage("--vision-int8 needs a float32 vision encoder (--dtype fp32, int8 or int4), not fp16");
+  const visionInt8 = values["vision-int8"] ? true : values["no-vision-int8"] ? false : undefined;
 
   const started = performance.now();
   let lastDraw = 0;
@@ -94,6 +105,7 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
       quant,
       lastLogitsOnly: !values["full-logits"],
       quantizeLmHead: !values["no-quantize-lm-head"],
+      ...(visionInt8 !== undefined ? { visionInt8 } : {}),
       externalData: ext === "auto" ? "auto" : ext === "always",
       hashWholeFiles: values["hash-files"],
       overwrite: values.overwrite,
@@ -120,7 +132,8 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
       .join(", ");
     const rss = process.resourceUsage().maxRSS / 1024;
     io.stdout(
-      `converted ${values.model} → ${res.outDir} (${m.dtype}${m.quantization ? `, ${m.quantization.bits}-bit block ${m.quantization.blockSize}` : ""}) ` +
+      `converted ${values.model} → ${res.outDir} (${m.dtype}${m.quantization ? `, ${m.quantization.bits}-bit block ${m.quantization.blockSize}` : ""}` +
+        `${m.vision_quantization ? ", vision W8A8" : ""}) ` +
         `in ${((performance.now() - started) / 1000).toFixed(1)} s: ${files}; peak RSS ${rss.toFixed(0)} MB\n`,
     );
     return 0;

@@ -12,6 +12,7 @@
 import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { AutoProcessor, BaseStreamer, LogitsProcessor, LogitsProcessorList, Qwen2VLForConditionalGeneration, RawImage, Tensor, env } from "@huggingface/transformers";
+import { withImageProcessorDefaults } from "../../shared/src/model-meta.ts";
 import { childArgs, childDone, childMain } from "../lib/common.ts";
 import type { RunSample } from "./single.ts";
 
@@ -45,23 +46,18 @@ export interface TjsResult {
   peak_rss_bytes?: number;
 }
 
-/**
- * Python's Qwen2VLImageProcessor defaults that transformers.js does NOT apply when preprocessor_config.json
- * omits them (its ImageProcessor: do_normalize undefined → no normalization, resample 2 (bilinear), do_resize
- * only when `size` is given). Without them it feeds un-normalized pixels: different logits, same speed.
+/*
+ * transformers.js applies none of Python's Qwen2VLImageProcessor defaults when preprocessor_config.json omits
+ * them (its ImageProcessor: do_normalize undefined → no normalization, resample 2 (bilinear), do_resize only
+ * when `size` is given); without them it feeds un-normalized pixels: different logits, same speed. The
+ * converter now writes them into preprocessor_config.json (QWEN2VL_IMAGE_PROCESSOR_DEFAULTS); the completion
+ * below remains for folders converted before it did, which the bench keeps reusing (bench/lib/models.ts
+ * reconverts only when the dtype, shape or source checkpoint changed). For a current conversion it adds nothing.
  */
-const PYTHON_PREPROCESSOR_DEFAULTS: Record<string, unknown> = {
-  do_convert_rgb: true,
-  do_resize: true,
-  resample: 3,
-  do_rescale: true,
-  rescale_factor: 1 / 255,
-  do_normalize: true,
-};
 
 /**
  * Builds `<workDir>/tjs-model` in the layout transformers.js loads: symlinks, graphs under `onnx/`, and a
- * preprocessor_config.json completed with the keys above when the original lacks them (`explicitPreprocessor`).
+ * preprocessor_config.json completed with Python's defaults when the original lacks them (`explicitPreprocessor`).
  */
 function linkLayout(modelDir: string, workDir: string, explicitPreprocessor: boolean): { dir: string; files: string[]; adaptations: string[] } {
   const dir = join(workDir, "tjs-model");
@@ -74,13 +70,12 @@ function linkLayout(modelDir: string, workDir: string, explicitPreprocessor: boo
     const rel = graph ? join("onnx", f) : f;
     files.push(rel);
     if (f === "preprocessor_config.json" && explicitPreprocessor) {
-      const cfg = JSON.parse(readFileSync(join(modelDir, f), "utf8")) as Record<string, unknown>;
-      const added = Object.keys(PYTHON_PREPROCESSOR_DEFAULTS).filter((k) => !(k in cfg));
+      const { config, added } = withImageProcessorDefaults(JSON.parse(readFileSync(join(modelDir, f), "utf8")) as Record<string, unknown>);
       if (added.length > 0) {
-        const extra = Object.fromEntries(added.map((k) => [k, PYTHON_PREPROCESSOR_DEFAULTS[k]]));
-        writeFileSync(join(dir, rel), JSON.stringify({ ...cfg, ...extra }, null, 2));
+        writeFileSync(join(dir, rel), JSON.stringify(config, null, 2));
         adaptations.push(
-          `preprocessor_config.json: added ${added.join(", ")} (Python Qwen2VLImageProcessor defaults; transformers.js does not normalize without do_normalize: true)`,
+          `preprocessor_config.json: added ${added.join(", ")} (Python Qwen2VLImageProcessor defaults; transformers.js does not normalize ` +
+            "without do_normalize: true; a folder converted before the converter wrote them — reconvert to drop this)",
         );
         continue;
       }

@@ -25,6 +25,33 @@ export interface ModelMeta {
 
 type Json = Record<string, unknown>;
 
+/**
+ * Python transformers' `Qwen2VLImageProcessor` defaults for the keys a Qwen2-VL `preprocessor_config.json`
+ * usually leaves out (RGB conversion, bicubic resize, rescale by 1/255, normalize). transformers.js applies
+ * no such defaults (without `do_normalize: true` it feeds un-normalized pixels), so the converter writes
+ * them out (see {@link withImageProcessorDefaults}). Our engine always preprocesses like Python and reads
+ * none of these keys; the model fingerprint ignores them while they hold these values.
+ */
+export const QWEN2VL_IMAGE_PROCESSOR_DEFAULTS: Readonly<Record<string, boolean | number>> = Object.freeze({
+  do_convert_rgb: true,
+  do_resize: true,
+  resample: 3, // PIL.Image.BICUBIC
+  do_rescale: true,
+  rescale_factor: 1 / 255,
+  do_normalize: true,
+});
+
+/**
+ * `preprocessor` with every key of {@link QWEN2VL_IMAGE_PROCESSOR_DEFAULTS} it lacks appended (present keys
+ * keep their values and order, whatever they are); `added` names the keys added.
+ */
+export function withImageProcessorDefaults(preprocessor: Json): { config: Json; added: string[] } {
+  const added = Object.keys(QWEN2VL_IMAGE_PROCESSOR_DEFAULTS).filter((k) => !Object.hasOwn(preprocessor, k));
+  const config: Json = { ...preprocessor };
+  for (const k of added) config[k] = QWEN2VL_IMAGE_PROCESSOR_DEFAULTS[k];
+  return { config, added };
+}
+
 function num(obj: Json, key: string, fallback: number): number {
   const v = obj[key];
   return typeof v === "number" && Number.isFinite(v) ? v : fallback;

@@ -64,6 +64,32 @@ describe("convert CLI", () => {
     expect(m.quantization.applies_to).toMatch(/lm_head float32/);
   });
 
+  it("--vision-int8 / --no-vision-int8 override the dtype's default (W8A8 vision for int4 only)", async () => {
+    const visionOps = (dir: string) => readFileSync(join(dir, "vision_encoder.onnx")).includes("MatMulInteger");
+    let o = io(false);
+    const fp32 = join(tmp, "fp32-v8");
+    expect(await runConvertCli(["--model", TINY, "--out", fp32, "--vision-int8"], o)).toBe(0);
+    expect(o.out).toMatch(/\(fp32, vision W8A8\) in/);
+    expect(JSON.parse(readFileSync(join(fp32, "manifest.json"), "utf8")).vision_quantization).toMatchObject({ method: "MatMulInteger" });
+    expect(visionOps(fp32)).toBe(true);
+    o = io(false);
+    const int4 = join(tmp, "int4-vf");
+    expect(await runConvertCli(["--model", TINY, "--out", int4, "--dtype", "int4", "--no-vision-int8"], o)).toBe(0);
+    expect(o.out).toMatch(/\(int4, 4-bit block 32\) in/);
+    expect(JSON.parse(readFileSync(join(int4, "manifest.json"), "utf8")).vision_quantization).toBeUndefined();
+    expect(visionOps(int4)).toBe(false);
+    o = io(false);
+    expect(await runConvertCli(["--model", TINY, "--out", join(tmp, "v"), "--vision-int8", "--no-vision-int8"], o)).toBe(2);
+    expect(o.err).toMatch(/--vision-int8 and --no-vision-int8 exclude each other/);
+    o = io(false);
+    expect(await runConvertCli(["--model", TINY, "--out", join(tmp, "v"), "--dtype", "fp16", "--vision-int8"], o)).toBe(2);
+    expect(o.err).toMatch(/--vision-int8 needs a float32 vision encoder/);
+    nothingWritten(join(tmp, "v"));
+    o = io(false);
+    expect(await runConvertCli(["--help"], o)).toBe(0);
+    expect(o.out).toContain("--vision-int8, --no-vision-int8");
+  });
+
   it("usage errors exit 2 naming the flag", async () => {
     let o = io(false);
     expect(await runConvertCli(["--model", TINY], o)).toBe(2);

@@ -3,7 +3,7 @@
  * run with onnxruntime against the golden vision features, prefill logits and teacher-forced decodes.
  */
 import { createHash } from "node:crypto";
-import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -46,7 +46,24 @@ describe("fp32 conversion of tiny-a", () => {
       ].sort(),
     );
     expect(readdirSync(tmp)).toEqual(["fp32"]); // no temporary folder left behind
-    for (const f of manifest.copied_files) expect(readFileSync(join(dir, f)).equals(readFileSync(join(TINY, f))), f).toBe(true);
+    for (const f of manifest.copied_files) {
+      if (f === "preprocessor_config.json") continue; // completed with Python's defaults (below)
+      expect(readFileSync(join(dir, f)).equals(readFileSync(join(TINY, f))), f).toBe(true);
+    }
+    // Python's Qwen2VLImageProcessor defaults spelled out after the checkpoint's own keys (transformers.js needs them).
+    const srcPre = JSON.parse(readFileSync(join(TINY, "preprocessor_config.json"), "utf8"));
+    const pre = JSON.parse(readFileSync(join(dir, "preprocessor_config.json"), "utf8"));
+    expect(srcPre.do_normalize).toBeUndefined();
+    expect(pre).toEqual({
+      ...srcPre,
+      do_convert_rgb: true,
+      do_resize: true,
+      resample: 3,
+      do_rescale: true,
+      rescale_factor: 0.00392156862745098,
+      do_normalize: true,
+    });
+    expect(Object.keys(pre).slice(0, Object.keys(srcPre).length)).toEqual(Object.keys(srcPre));
     expect(JSON.parse(readFileSync(join(dir, "manifest.json"), "utf8"))).toEqual(manifest);
     expect(manifest.dtype).toBe("fp32");
     expect(manifest.quantization).toBeNull();
@@ -154,6 +171,63 @@ describe("fp32 conversion of tiny-a", () => {
 });
 
 describe("variants", () => {
+  it("preprocessor_config.json: only missing defaults are added; the checkpoint's keys keep their values", async () => {
+    const src = join(tmp, "pre-src");
+    mkdirSync(src);
+    for (const f of readdirSync(TINY)) if (f !== "preprocessor_config.json") symlinkSync(join(TINY, f), join(src, f));
+    const own = { ...JSON.parse(readFileSync(join(TINY, "preprocessor_config.json"), "utf8")), do_normalize: false, resample: 2, rescale_factor: 0.5 };
+    writeFileSync(join(src, "preprocessor_config.json"), JSON.stringify(own));
+    const dir = join(tmp, "pre-out");
+    await convertModel({ model: src, outDir: dir, dtype: "int4" });
+    const pre = JSON.parse(readFileSync(join(dir, "preprocessor_config.json"), "utf8"));
+    expect(pre).toEqual({ ...own, do_convert_rgb: true, do_resize: true, do_rescale: true });
+    // Nothing missing: the file is copied byte for byte.
+    writeFileSync(join(src, "preprocessor_config.json"), JSON.stringify({ ...own, do_convert_rgb: false, do_resize: true, do_rescale: true }));
+    await convertModel({ model: src, outDir: dir, dtype: "int4", overwrite: true });
+    expect(readFileSync(join(dir, "preprocessor_config.json")).equals(readFileSync(join(src, "preprocessor_config.json")))).toBe(true);
+  });
+
+  it("a float LM head above lmHeadSliceBytes: MatMuls on vocabulary slices + Concat, the same logits", async () => {
+    const dir = join(tmp, "sliced");
+    // tiny-a's head is [64, 151936] float32 = 38.9 MB: 10 MB slices → 4 MatMuls of 37984 columns.
+    const res = await convertModel({ model: TINY, outDir: dir, dtype: "fp32", lmHeadSliceBytes: 10e6 });
+    expect(res.manifest.graphs.decoder_model_merged.outputs[0]).toEqual({ name: "logits", type: "float32", shape: ["batch_size", 1, 151936] });
+    const graph = readFileSync(join(dir, "decoder_model_merged.onnx"));
+    for (let i = 0; i < 4; i++) expect(graph.includes(`lm_head.weight_T.${i}`), `slice ${i}`).toBe(true);
+    expect(graph.includes("lm_head.weight_T.4")).toBe(false);
+    expect(readFileSync(join(tmp, "fp32", "decoder_model_merged.onnx")).includes("lm_head.weight_T.0")).toBe(false); // default: one MatMul
+    const sliced = await QwenOnnx.load(dir, res.manifest.decoder);
+    try {
+      for (const name of ["case_04", "case_01"]) {
+        const c = cases.find((x) => x.case === name)!;
+        const S = c.seq_len;
+        const embeds = await model.promptEmbeds(c);
+        const mask = new Array(S).fill(1);
+        const a = await sliced.decode(embeds, 1, S, mask, c.position_ids.flat(), sliced.emptyPast(1));
+        const b = await model.decode(embeds, 1, S, mask, c.position_ids.flat(), model.emptyPast(1));
+        expect(maxAbsDiff(a.logits, b.logits), name).toBe(0);
+        expect(maxAbsDiff(a.logits, loadGoldenF32(c.prefill_logits.file))).toBeLessThanOrEqual(TOL);
+        // One KV decode step on top (M = 1, the serving shape).
+        const tok = c.forced_decode.forced_ids[0]!;
+        const pos = S + c.rope_deltas;
+        const step = async (m: QwenOnnx, past: typeof a.present) =>
+          (await m.decode(await model.embedTokens([tok], 1), 1, 1, [...mask, 1], [pos, pos, pos], past)).logits;
+        const sa = await step(sliced, a.present);
+        expect(maxAbsDiff(sa, await step(model, b.present)), `${name} step 1`).toBe(0);
+        for (const [id, value] of c.forced_decode.steps[1]!.top5) expect(Math.abs(sa[id]! - value)).toBeLessThanOrEqual(TOL);
+      }
+    } finally {
+      await sliced.release();
+    }
+    // A quantized head stays one MatMulNBits node whatever the limit; a bad limit is refused.
+    const q = join(tmp, "sliced-int4");
+    await convertModel({ model: TINY, outDir: q, dtype: "int4", lmHeadSliceBytes: 10e6 });
+    const qGraph = readFileSync(join(q, "decoder_model_merged.onnx"));
+    expect(qGraph.includes("lm_head.weight_Q4")).toBe(true);
+    expect(qGraph.includes("lm_head.weight_T")).toBe(false);
+    await expect(convertModel({ model: TINY, outDir: join(tmp, "bad"), lmHeadSliceBytes: -1 })).rejects.toMatchObject({ code: "bad_options" });
+  });
+
   it("full-logits decoder: [1, S, V]; last row = golden, row S−2 = last-only prefill of the prompt minus its last token", async () => {
     const dir = join(tmp, "full");
     const res = await convertModel({ model: TINY, outDir: dir, dtype: "fp32", lastLogitsOnly: false });

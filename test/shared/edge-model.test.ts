@@ -4,6 +4,7 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { modelFingerprint } from "../../shared/src/fingerprint.ts";
+import { withImageProcessorDefaults } from "../../shared/src/model-meta.ts";
 import { compileBpe, serializeBpe } from "../../shared/src/tokenizer/index.ts";
 import { GOLDEN_DIR, PROJECT_ROOT } from "../support/golden.ts";
 
@@ -28,5 +29,18 @@ describe("edge model bundle", () => {
     const c = await modelFingerprint({ tokenizer: { b: [2, 1], a: 1 }, config: {}, preprocessor: {} });
     expect(a).toBe(b);
     expect(a).not.toBe(c);
+  });
+
+  it("the fingerprint treats Python's image-processor defaults spelled out (as the converter writes them) as absent", async () => {
+    const pre = JSON.parse(readFileSync(join(GOLDEN_DIR, "tiny-a", "preprocessor_config.json"), "utf8"));
+    const fp = (preprocessor: unknown) => modelFingerprint({ tokenizer: { t: 1 }, config: { c: 2 }, preprocessor });
+    const { config: completed, added } = withImageProcessorDefaults(pre);
+    expect(added).toEqual(["do_convert_rgb", "do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize"]);
+    expect(completed).toMatchObject({ ...pre, resample: 3, rescale_factor: 0.00392156862745098, do_normalize: true });
+    expect(await fp(completed)).toBe(await fp(pre)); // a checkpoint and its conversion match
+    expect(await fp({ ...pre, do_normalize: false })).not.toBe(await fp(pre)); // a non-default value counts
+    expect(await fp({ ...pre, resample: 2 })).not.toBe(await fp(pre));
+    // Present keys are never overwritten.
+    expect(withImageProcessorDefaults({ ...pre, do_normalize: false, resample: 2 }).config).toMatchObject({ do_normalize: false, resample: 2, do_rescale: true });
   });
 });

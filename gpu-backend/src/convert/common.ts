@@ -201,6 +201,33 @@ export interface LinearOptions {
    * `MatMulInteger` (ONNX Runtime: VNNI/AMX integer GEMM) and is rescaled to float32.
    */
   int8Dynamic?: boolean;
+  /**
+   * Float MatMul only: when the transposed weight is larger than this many bytes, split it along the output
+   * (column) axis into slices of at most about this size — one MatMul per slice, then a Concat on the last
+   * axis. Each output element is the same dot product over K, so the result is identical. ONNX Runtime
+   * prepacks every constant MatMul weight at load while the original is still resident, so the largest
+   * float weight is briefly held twice; slicing bounds that transient by one slice (the LM head of a real
+   * model is 151936 × 1536 float32 = 933 MB). Default: never split.
+   */
+  maxSliceBytes?: number;
+}
+
+/** Column width granularity of a sliced float MatMul weight (MLAS packs B in panels of 16 columns). */
+const SLICE_COLUMNS = 16;
+
+/**
+ * Column ranges `[n0, n1)` splitting N output features so that each [K, n1 − n0] slice of `elemBytes`
+ * elements stays within about `maxBytes` (widths rounded up to {@link SLICE_COLUMNS}); one range when the
+ * whole weight fits or no limit is given.
+ */
+export function sliceColumns(N: number, K: number, elemBytes: number, maxBytes: number | undefined): Array<[number, number]> {
+  const bytes = N * K * elemBytes;
+  if (!maxBytes || !(maxBytes > 0) || bytes <= maxBytes) return [[0, N]];
+  const parts = Math.ceil(bytes / maxBytes);
+  const width = Math.ceil(Math.ceil(N / parts) / SLICE_COLUMNS) * SLICE_COLUMNS;
+  const out: Array<[number, number]> = [];
+  for (let n0 = 0; n0 < N; n0 += width) out.push([n0, Math.min(N, n0 + width)]);
+  return out;
 }
 
 /**
@@ -292,8 +319,9 @@ export class ModuleEmitter {
 
   /**
    * `y = x·Wᵀ (+ b)` for a torch Linear `<module>` (weight [out, in]). Float graphs: MatMul with the
-   * transposed weight `<module>.weight_T` [in, out]. int8/int4: `com.microsoft.MatMulNBits` with
-   * B/scales/zero points derived from the same weight.
+   * transposed weight `<module>.weight_T` [in, out] (or, with {@link LinearOptions.maxSliceBytes}, column
+   * slices `<module>.weight_T.<i>` with one MatMul each, concatenated). int8/int4: `com.microsoft.MatMulNBits`
+   * with B/scales/zero points derived from the same weight.
    */
   linear(x: Value, module: string, opts: LinearOptions): Value {
     const wName = opts.weight ?? `${module}.weight`;
@@ -341,12 +369,25 @@ export class ModuleEmitter {
       const wt = `${module}.weight_T`;
       const weights = this.weights;
       const type = this.float;
-      const W = g.has(wt)
-        ? wt
-        : g.initializer(wt, type, [K, N], deferredPieces(N * K * this.floatBytes, async function* () {
-            yield* transposedPieces(await readFloat32(weights, wName), N, K, type);
+      const slices = sliceColumns(N, K, this.floatBytes, opts.maxSliceBytes);
+      if (slices.length === 1) {
+        const W = g.has(wt)
+          ? wt
+          : g.initializer(wt, type, [K, N], deferredPieces(N * K * this.floatBytes, async function* () {
+              yield* transposedPieces(await readFloat32(weights, wName), N, K, type);
+            }));
+        y = g.within(module, () => g.op("MatMul", [x, W]));
+      } else {
+        // The slices are written one after another: the checkpoint tensor is read once for all of them.
+        const get = shared(slices.length, () => readFloat32(weights, wName));
+        const parts = slices.map(([n0, n1], i) => {
+          const W = g.initializer(`${wt}.${i}`, type, [K, n1 - n0], deferredPieces((n1 - n0) * K * this.floatBytes, async function* () {
+            yield* transposedPieces((await get()).subarray(n0 * K, n1 * K), n1 - n0, K, type);
           }));
-      y = g.within(module, () => g.op("MatMul", [x, W]));
+          return g.within(module, () => g.op("MatMul", [x, W]));
+        });
+        y = g.within(module, () => g.op("Concat", parts, { axis: -1 }));
+      }
     }
     if (opts.bias) {
       const b = this.param(`${module}.bias`);

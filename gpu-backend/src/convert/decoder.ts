@@ -48,7 +48,20 @@ export interface DecoderOptions {
    * (float32 graphs; the LM head follows the dtype).
    */
   w8a8?: boolean;
+  /**
+   * A float LM head larger than this is split along the vocabulary into MatMuls on column slices of at most
+   * about this many bytes, concatenated (`LinearOptions.maxSliceBytes`; same logits). Default
+   * {@link LM_HEAD_SLICE_BYTES}; 0 = never split. A quantized LM head (MatMulNBits) stays one node.
+   */
+  lmHeadSliceBytes?: number;
 }
+
+/**
+ * Default largest float LM-head slice. ONNX Runtime holds a constant MatMul weight and its prepacked copy
+ * together for a moment at load; a 2B-class float32 LM head (151936 × 1536, 933 MB) in four slices of
+ * ~233 MB keeps that load-time peak to one slice.
+ */
+export const LM_HEAD_SLICE_BYTES = 256 * 1024 * 1024;
 
 /** Symbolic dimension names (those transformers.js / onnx-community exports use). */
 export const DIMS = {
@@ -220,6 +233,7 @@ export function buildDecoder(e: ModuleEmitter, cfg: DecoderConfig, opts: Decoder
   const logits = e.linear(h, "lm_head", {
     bias: false,
     quantize: opts.quantizeLmHead ?? true,
+    maxSliceBytes: opts.lmHeadSliceBytes ?? LM_HEAD_SLICE_BYTES,
     ...(cfg.tie_word_embeddings ? { weight: "model.embed_tokens.weight" } : {}),
   });
   g.output(logits, "logits", e.float, [batch, lastOnly ? 1 : seq, cfg.vocab_size]);

@@ -6,7 +6,8 @@
  *   decoder_model_merged.onnx  inputs_embeds, attention_mask, position_ids, past_key_values.* → logits, present.*
  *   <graph>.onnx_data          external tensor data, when a graph exceeds protobuf's 2 GiB (or when asked)
  *   config.json, generation_config.json, preprocessor_config.json, tokenizer.json, tokenizer_config.json,
- *   chat_template.json         copied from the checkpoint when present
+ *   chat_template.json         copied from the checkpoint when present (preprocessor_config.json with
+ *                              Python's image-processor defaults added where it omits them)
  *   manifest.json              source files + hashes, dtype, graph versions, opsets, I/O, creation time
  *
  * Writing is atomic: everything goes into `<out>.tmp-<pid>` and is renamed into place at the end; on any
@@ -15,8 +16,9 @@
  */
 import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
-import { copyFile, mkdir, open, readdir, rename, rm, stat, writeFile } from "node:fs/promises";
+import { copyFile, mkdir, open, readFile, readdir, rename, rm, stat, writeFile } from "node:fs/promises";
 import { basename, join, resolve } from "node:path";
+import { withImageProcessorDefaults } from "../../../shared/src/model-meta.ts";
 import { type Qwen2VLConfig, type ResolveOptions, loadQwen2VLCheckpoint } from "../checkpoint/index.ts";
 import { DEFAULT_OPSET, GraphBuilder, IR_VERSION, type ModelSpec, type ValueInfoSpec, writeModel } from "../onnx/index.ts";
 import { type BuildOptions, CONVERT_DTYPES, type ConvertDtype, ConvertError, ModuleEmitter, type TensorSource, floatTypeOf, quantConfigFor } from "./common.ts";
@@ -27,6 +29,7 @@ import { buildVisionEncoder } from "./vision.ts";
 
 export { CONVERT_DTYPES, type ConvertDtype, ConvertError, type TensorSource } from "./common.ts";
 export type { QuantConfig } from "./quantize.ts";
+export { LM_HEAD_SLICE_BYTES } from "./decoder.ts";
 
 /** Graph files and the version of each graph's contract (bump when inputs/outputs or semantics change). */
 export const GRAPHS = {
@@ -80,6 +83,13 @@ export interface ConvertOptions {
    * otherwise. Ignored for fp16.
    */
   visionInt8?: boolean;
+  /**
+   * A float LM head (fp32/fp16, or int8/int4 without `quantizeLmHead`) above this many bytes becomes MatMuls
+   * on vocabulary slices of at most about this size, concatenated: identical logits, and ONNX Runtime's
+   * load-time prepacking holds one slice twice instead of the whole head. Default 256 MiB
+   * (`LM_HEAD_SLICE_BYTES`); 0 = one MatMul. Mainly for tests (a smaller value splits a small model's head).
+   */
+  lmHeadSliceBytes?: number;
   /**
    * External data: `"auto"` (default: graphs above 2 GiB, and every graph with quantized weights — ONNX
    * Runtime repacks those at load, and from an external file the original bytes are memory-mapped and
@@ -174,6 +184,24 @@ async function fileSha256(file: string): Promise<string> {
   return h.digest("hex");
 }
 
+/**
+ * preprocessor_config.json with Python's Qwen2VLImageProcessor defaults spelled out where the checkpoint
+ * omits them (transformers.js applies none: without `do_normalize` it would not normalize pixels). Keys the
+ * file has keep their values; a file that already has them all (or is not a JSON object) is copied as is.
+ */
+async function writePreprocessorConfig(src: string, dest: string): Promise<void> {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(await readFile(src, "utf8"));
+  } catch {
+    parsed = undefined;
+  }
+  if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) return copyFile(src, dest);
+  const { config, added } = withImageProcessorDefaults(parsed as Record<string, unknown>);
+  if (added.length === 0) return copyFile(src, dest);
+  await writeFile(dest, JSON.stringify(config, null, 2) + "\n");
+}
+
 /** Rejects configs the graph builders cannot express (activations are checked by the builders themselves). */
 function checkSupported(config: Qwen2VLConfig): void {
   if (config.vision.head_dim % 4 !== 0) {
@@ -197,7 +225,7 @@ function graphModel(name: GraphName, build: (e: ModuleEmitter) => void, weights:
 export function buildGraphs(
   config: Qwen2VLConfig,
   weights: TensorSource,
-  opts: BuildOptions & { lastLogitsOnly?: boolean; quantizeLmHead?: boolean; visionInt8?: boolean; decoderW8A8?: boolean },
+  opts: BuildOptions & { lastLogitsOnly?: boolean; quantizeLmHead?: boolean; visionInt8?: boolean; decoderW8A8?: boolean; lmHeadSliceBytes?: number },
 ): Record<GraphName, ModelSpec> {
   checkSupported(config);
   const build: BuildOptions = { dtype: opts.dtype, ...(opts.quant ? { quant: opts.quant } : {}) };
@@ -211,6 +239,7 @@ export function buildGraphs(
           lastLogitsOnly: opts.lastLogitsOnly ?? true,
           quantizeLmHead: opts.quantizeLmHead ?? true,
           ...(opts.decoderW8A8 ? { w8a8: true } : {}),
+          ...(opts.lmHeadSliceBytes !== undefined ? { lmHeadSliceBytes: opts.lmHeadSliceBytes } : {}),
         }),
       weights,
       build,
@@ -239,6 +268,9 @@ export async function convertModel(options: ConvertOptions): Promise<ConvertResu
   const dtype = options.dtype ?? "fp32";
   if (!CONVERT_DTYPES.includes(dtype)) throw new ConvertError("bad_options", `dtype must be one of ${CONVERT_DTYPES.join(", ")}, got ${JSON.stringify(dtype)}`);
   const quantizer = quantConfigFor({ dtype, ...(options.quant ? { quant: options.quant } : {}) });
+  if (options.lmHeadSliceBytes !== undefined && !(Number.isFinite(options.lmHeadSliceBytes) && options.lmHeadSliceBytes >= 0)) {
+    throw new ConvertError("bad_options", `lmHeadSliceBytes must be a number of bytes ≥ 0, got ${options.lmHeadSliceBytes}`);
+  }
   const outDir = resolve(options.outDir);
   let outExists = false;
   if (await exists(outDir)) {
@@ -253,7 +285,14 @@ export async function convertModel(options: ConvertOptions): Promise<ConvertResu
     const lastLogitsOnly = options.lastLogitsOnly ?? true;
     const quantizeLmHead = options.quantizeLmHead ?? true;
     const visionInt8 = visionInt8Of(dtype, options.visionInt8);
-    const buildOpts = { dtype, lastLogitsOnly, quantizeLmHead, visionInt8, ...(options.quant ? { quant: options.quant } : {}) };
+    const buildOpts = {
+      dtype,
+      lastLogitsOnly,
+      quantizeLmHead,
+      visionInt8,
+      ...(options.quant ? { quant: options.quant } : {}),
+      ...(options.lmHeadSliceBytes !== undefined ? { lmHeadSliceBytes: options.lmHeadSliceBytes } : {}),
+    };
     // Everything is validated while building; nothing has been written yet.
     const models = buildGraphs(ckpt.config, ckpt.weights, buildOpts);
 
@@ -284,7 +323,8 @@ export async function convertModel(options: ConvertOptions): Promise<ConvertResu
     for (const f of SIDE_FILES) {
       const src = join(ckpt.dir, f);
       if (await exists(src)) {
-        await copyFile(src, join(tmp, f));
+        if (f === "preprocessor_config.json") await writePreprocessorConfig(src, join(tmp, f));
+        else await copyFile(src, join(tmp, f));
         copied.push(f);
       }
     }
