@@ -6,6 +6,7 @@
  *     loaded on the first /v1/vqa), and that first /v1/vqa vs the second, over several fresh starts
  *   - load: req/s and p50/p99 of /v1/vqa (not streamed) with N requests from C concurrent clients, and of
  *     /healthz (auth-free, no work) as the peer measured on the same worker in the same run
+ *   - worker startup CPU (`wrangler check startup`'s profile: script evaluation before the first request)
  *   - isolate memory proxy: heap growth of building the tokenizer in a Node child (see the child)
  * Loopback only; the rate limits are raised by --var so that the limiter admits every request (its
  * Durable Object call still runs).
@@ -263,6 +264,38 @@ async function load(n: number, clients: number, one: () => Promise<{ status: num
   return { requests: n, clients, wall_ms: wall, rps: n / (wall / 1000), p50_ms: percentile(lat, 50), p99_ms: percentile(lat, 99), max_ms: Math.max(...lat), statuses };
 }
 
+/**
+ * The worker's startup (script evaluation: module top level, Hono app, bundled tables) as `wrangler check
+ * startup` profiles it: CPU ms = the profile's non-idle samples. What Cloudflare counts against its startup
+ * limit, measured on this CPU; null when the command fails.
+ */
+function startupCpuMs(modelDir: string, dir: string): { cpu_ms: number; span_ms: number } | null {
+  const out = join(dir, "startup.cpuprofile");
+  try {
+    execFileSync(process.execPath, [WRANGLER, "check", "startup", "--outfile", out], {
+      cwd: ROOT,
+      stdio: "ignore",
+      timeout: 180_000,
+      env: { ...process.env, WRANGLER_SEND_METRICS: "false", CLOUDFLARE_CF_FETCH_ENABLED: "false", MODEL_DIR: modelDir },
+    });
+    const p = JSON.parse(readFileSync(out, "utf8")) as {
+      nodes: { id: number; callFrame: { functionName: string } }[];
+      samples: number[];
+      timeDeltas: number[];
+      startTime: number;
+      endTime: number;
+    };
+    const idle = new Set(p.nodes.filter((n) => n.callFrame.functionName === "(idle)").map((n) => n.id));
+    let busy = 0;
+    p.samples.forEach((id, i) => {
+      if (!idle.has(id)) busy += p.timeDeltas[i] ?? 0;
+    });
+    return { cpu_ms: busy / 1000, span_ms: (p.endTime - p.startTime) / 1000 };
+  } catch {
+    return null;
+  }
+}
+
 export async function edgeSuite(opts: BenchOptions): Promise<{ file: string; body: Record<string, unknown> }> {
   const machine = machineInfo();
   log(machineLine(machine));
@@ -334,6 +367,8 @@ export async function edgeSuite(opts: BenchOptions): Promise<{ file: string; bod
     await double.close();
   }
   log("edge: tokenizer heap proxy (Node child)");
+  log("edge: wrangler check startup (worker startup CPU profile)");
+  const startup = startupCpuMs(modelDir, persistDir);
   const heap = (
     await runChild<TokenizerHeapResult>(
       "tokenizer-heap.ts",
@@ -367,8 +402,9 @@ export async function edgeSuite(opts: BenchOptions): Promise<{ file: string; bod
   if (rssGrowth.n > 0) {
     text += `\n\nworkerd process RSS (whole runtime): after /healthz ${fmtBytes(cold[0]!.workerd_rss_after_healthz)}, growth over the first /v1/vqa ${fmtBytes(rssGrowth.median)} (median of ${rssGrowth.n} starts), after the load test ${fmtBytes(workerdRssAfterLoad)}`;
   }
+  text += `\n\nworker startup (wrangler check startup, this CPU): ${startup ? `${fmt(startup.cpu_ms, 1)} ms CPU over a ${fmt(startup.span_ms, 0)} ms profile` : "unavailable"}`;
   text += `\n\nisolate memory proxy (Node V8, not workerd): tokenizer tables ${fmtBytes(heap.bundle_bytes)}; heap+external after loading them ${fmtBytes(heap.after_bundle)}, after new BpeTokenizer ${fmtBytes(heap.after_tokenizer)}, after two encodes ${fmtBytes(heap.after_encode)} (RSS +${fmtBytes(heap.rss_delta)}); construct ${fmt(heap.construct_ms, 1)} ms, first encode ${fmt(heap.first_encode_ms, 1)} ms, then ${fmt(heap.second_encode_ms, 2)} ms\n`;
   process.stdout.write(text);
-  const body = { suite: "edge", created: new Date().toISOString(), machine, options: opts, cold_starts: cold, cold_summary: c, workerd_rss_after_load: workerdRssAfterLoad, load: loads, backend_double: { served: double.served(), malformed: double.bad() }, tokenizer_heap_proxy: heap };
+  const body = { suite: "edge", created: new Date().toISOString(), machine, options: opts, cold_starts: cold, cold_summary: c, workerd_rss_after_load: workerdRssAfterLoad, load: loads, backend_double: { served: double.served(), malformed: double.bad() }, tokenizer_heap_proxy: heap, worker_startup: startup };
   return { file: writeResult(opts, "edge", body), body };
 }

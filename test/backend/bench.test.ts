@@ -103,5 +103,9 @@ describe("bench (quick, tiny model)", () => {
     expect(r.load.healthz.statuses).toEqual({ 200: 10 });
     expect(r.backend_double.malformed).toBe(0);
     expect(positive(r.tokenizer_heap_proxy.after_tokenizer)).toBe(true);
+    expect(r.tokenizer_heap_proxy.bundle_bytes).toBeGreaterThan(1e6); // the bundled merge tables
+    expect(positive(r.load.vqa.workerd_cpu_ms_per_request)).toBe(true);
+    expect(positive(r.worker_startup.cpu_ms)).toBe(true);
+    expect(r.worker_startup.cpu_ms).toBeLessThanOrEqual(r.worker_startup.span_ms);
   }, 300_000);
 });
