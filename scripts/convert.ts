@@ -2,12 +2,16 @@
  * Converts a Qwen2-VL checkpoint (local folder or Hugging Face Hub id) into ONNX graphs (onnx-community layout).
  *
  *   npx tsx scripts/convert.ts --model <folder|hub id> --out <folder> [--dtype fp32|fp16|int8|int4]
- *       [--block-size 32|128] [--symmetric] [--accuracy-level 0..4] [--no-quantize-lm-head]
+ *       [--block-size 32|128] [--symmetric] [--accuracy-level 0..4] [--no-quantize-lm-head] [--w8a8]
  *       [--vision-int8 | --no-vision-int8] [--full-logits] [--external-data auto|always|never]
  *       [--hash-files] [--overwrite]
  *
+ * --w8a8 (with --dtype int8 only): the decoder layers as W8A8 integer GEMMs (MatMulInteger: int8 weights per
+ * output feature, int8 activations per token) instead of weight-only MatMulNBits: faster prefill (time to first
+ * token) on CPUs with VNNI/AMX; the LM head stays MatMulNBits int8, and the vision encoder defaults to W8A8.
  * --vision-int8 / --no-vision-int8: the vision encoder's blocks as W8A8 integer GEMMs (int8 weights per output
- * feature, int8 activations per token) or float32. Default: W8A8 for int4 only. fp16 has no W8A8 vision.
+ * feature, int8 activations per token) or float32. Default: W8A8 for int4 and for int8 --w8a8. fp16 has no
+ * W8A8 vision.
  *
  * A progress bar on a TTY, one summary line otherwise. Exit status 0 on success, 1 when the conversion fails
  * (the message names the tensor/file/setting; nothing is left half-written), 2 for usage errors.
@@ -19,10 +23,12 @@ import { CONVERT_DTYPES, type ConvertDtype, ConvertError, type ConvertOptions, c
 
 const USAGE =
   "usage: npx tsx scripts/convert.ts --model <folder|hub id> --out <folder> [--dtype fp32|fp16|int8|int4] " +
-  "[--block-size N] [--symmetric] [--accuracy-level 0..4] [--no-quantize-lm-head] " +
+  "[--block-size N] [--symmetric] [--accuracy-level 0..4] [--no-quantize-lm-head] [--w8a8] " +
   "[--vision-int8 | --no-vision-int8] [--full-logits] [--external-data auto|always|never] [--hash-files] [--overwrite]\n" +
+  "  --w8a8                           --dtype int8 only: decoder layers as W8A8 int8 GEMMs (MatMulInteger, int8 activations " +
+  "per token) instead of MatMulNBits: faster prefill/time to first token; LM head stays MatMulNBits int8; vision W8A8 by default\n" +
   "  --vision-int8, --no-vision-int8  vision encoder blocks as W8A8 int8 GEMMs, or float32 " +
-  "(default: int8 vision for --dtype int4 only; not available for fp16)";
+  "(default: int8 vision for --dtype int4 and for --dtype int8 --w8a8; not available for fp16)";
 
 /** Where the CLI writes (injectable for tests). */
 export interface CliIO {
@@ -57,6 +63,7 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
         symmetric: { type: "boolean", default: false },
         "accuracy-level": { type: "string" },
         "no-quantize-lm-head": { type: "boolean", default: false },
+        w8a8: { type: "boolean", default: false },
         "vision-int8": { type: "boolean", default: false },
         "no-vision-int8": { type: "boolean", default: false },
         "full-logits": { type: "boolean", default: false },
@@ -90,6 +97,7 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
     quant.accuracyLevel = n;
   }
   if (values.symmetric) quant.symmetric = true;
+  if (values.w8a8 && dtype !== "int8") return usage(`--w8a8 (W8A8 decoder layers) needs --dtype int8, got ${dtype}`);
   if (values["vision-int8"] && values["no-vision-int8"]) return usage("--vision-int8 and --no-vision-int8 exclude each other");
   if (values["vision-int8"] && dtype === "fp16") return usage("--vision-int8 needs a float32 vision encoder (--dtype fp32, int8 or int4), not fp16");
   const visionInt8 = values["vision-int8"] ? true : values["no-vision-int8"] ? false : undefined;
@@ -105,6 +113,7 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
       quant,
       lastLogitsOnly: !values["full-logits"],
       quantizeLmHead: !values["no-quantize-lm-head"],
+      ...(values.w8a8 ? { w8a8: true } : {}),
       ...(visionInt8 !== undefined ? { visionInt8 } : {}),
       externalData: ext === "auto" ? "auto" : ext === "always",
       hashWholeFiles: values["hash-files"],
@@ -132,7 +141,8 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
       .join(", ");
     const rss = process.resourceUsage().maxRSS / 1024;
     io.stdout(
-      `converted ${values.model} → ${res.outDir} (${m.dtype}${m.quantization ? `, ${m.quantization.bits}-bit block ${m.quantization.blockSize}` : ""}` +
+      `converted ${values.model} → ${res.outDir} (${m.dtype}` +
+        `${m.quantization?.w8a8 ? `, W8A8 decoder layers, LM head ${m.quantization.parts.lm_head === "float32" ? "float32" : `${m.quantization.bits}-bit block ${m.quantization.blockSize}`}` : m.quantization ? `, ${m.quantization.bits}-bit block ${m.quantization.blockSize}` : ""}` +
         `${m.vision_quantization ? ", vision W8A8" : ""}) ` +
         `in ${((performance.now() - started) / 1000).toFixed(1)} s: ${files}; peak RSS ${rss.toFixed(0)} MB\n`,
     );

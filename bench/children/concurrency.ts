@@ -25,6 +25,8 @@ export interface ConcurrencyArgs {
   tokens: number;
   /** Sweeps over all levels (1,2,4,8,1,2,4,8,…): slow drifts of a shared machine hit every level alike. */
   rounds: number;
+  /** The benchmark variant (e.g. int8-w8a8) for progress lines and the result; default the manifest dtype. */
+  label?: string;
 }
 
 export interface LevelResult {
@@ -41,7 +43,10 @@ export interface LevelResult {
 }
 
 export interface ConcurrencyResult {
+  /** The folder's manifest dtype. */
   dtype: string;
+  /** The benchmark variant measured (`label`, else the dtype). */
+  variant: string;
   load_ms: number;
   levels: LevelResult[];
   peak_rss_bytes: number;
@@ -99,7 +104,8 @@ childMain(async () => {
   const loadMs = performance.now() - t0;
   // Random test weights would stop at EOS at random: ignore EOS so every request runs to max_new_tokens.
   const model = { ...loaded, meta: { ...loaded.meta, eos_token_ids: [] } };
-  process.stderr.write(`  ${model.dtype}: loaded in ${(loadMs / 1000).toFixed(1)} s\n`);
+  const label = a.label ?? model.dtype;
+  process.stderr.write(`  ${label}: loaded in ${(loadMs / 1000).toFixed(1)} s\n`);
 
   {
     // Warm-up: one batch of two, so that batched kernels are compiled too.
@@ -148,9 +154,9 @@ childMain(async () => {
     };
     levels.push(r);
     process.stderr.write(
-      `  ${model.dtype}: round ${round + 1}/${a.rounds}, ${level} stream(s): aggregate decode ${r.aggregate_decode_tok_s.toFixed(2)} tok/s, TTFT max ${(Math.max(...r.ttft_ms) / 1000).toFixed(2)} s, probe TTFT ${(r.probe_ttft_ms / 1000).toFixed(2)} s\n`,
+      `  ${label}: round ${round + 1}/${a.rounds}, ${level} stream(s): aggregate decode ${r.aggregate_decode_tok_s.toFixed(2)} tok/s, TTFT max ${(Math.max(...r.ttft_ms) / 1000).toFixed(2)} s, probe TTFT ${(r.probe_ttft_ms / 1000).toFixed(2)} s\n`,
     );
   }
   await releaseModel(loaded);
-  childDone({ dtype: model.dtype, load_ms: loadMs, levels });
+  childDone({ dtype: model.dtype, variant: label, load_ms: loadMs, levels });
 });

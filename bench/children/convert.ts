@@ -5,7 +5,7 @@ import { childArgs, childDone, childMain } from "../lib/common.ts";
 
 type Args =
   | { kind: "checkpoint"; configPath: string; outDir: string; dtype: "f32" | "bf16" }
-  | { kind: "convert"; model: string; outDir: string; dtype: ConvertDtype };
+  | { kind: "convert"; model: string; outDir: string; dtype: ConvertDtype; w8a8?: boolean; label?: string };
 
 childMain(async () => {
   const a = childArgs<Args>();
@@ -19,12 +19,13 @@ childMain(async () => {
       model: a.model,
       outDir: a.outDir,
       dtype: a.dtype,
+      ...(a.w8a8 ? { w8a8: true } : {}),
       overwrite: true,
       onProgress: (p) => {
         const pct = Math.floor((100 * p.doneBytes) / Math.max(1, p.totalBytes));
         if (pct >= last + 10) {
           last = pct;
-          process.stderr.write(`  ${a.dtype}: ${pct}% (${p.graph})\n`);
+          process.stderr.write(`  ${a.label ?? a.dtype}: ${pct}% (${p.graph})\n`);
         }
       },
     });

@@ -20,6 +20,8 @@ export interface SingleArgs {
   warmupTokens: number;
   messages: unknown[];
   baseDir: string;
+  /** The benchmark variant (e.g. int8-w8a8) for progress lines and the result; default the manifest dtype. */
+  label?: string;
 }
 
 export interface RunSample {
@@ -35,7 +37,10 @@ export interface RunSample {
 }
 
 export interface SingleResult {
+  /** The folder's manifest dtype. */
   dtype: string;
+  /** The benchmark variant measured (`label`, else the dtype). */
+  variant: string;
   io_float_type: string;
   load_ms: number;
   rss_after_load_bytes: number;
@@ -60,7 +65,8 @@ childMain(async () => {
   const tokenizer = createTokenizer(model);
   const loadMs = performance.now() - t0;
   const rssAfterLoad = process.memoryUsage().rss;
-  process.stderr.write(`  ${model.dtype}: loaded in ${(loadMs / 1000).toFixed(1)} s\n`);
+  const label = a.label ?? model.dtype;
+  process.stderr.write(`  ${label}: loaded in ${(loadMs / 1000).toFixed(1)} s\n`);
   let promptTokens = 0;
   let imageTokens = 0;
 
@@ -93,17 +99,18 @@ childMain(async () => {
   };
 
   const warm = await once(a.forcedIds.slice(0, a.warmupTokens), 1);
-  process.stderr.write(`  ${model.dtype}: warm-up TTFT ${(warm.sample.ttft_ms / 1000).toFixed(2)} s\n`);
+  process.stderr.write(`  ${label}: warm-up TTFT ${(warm.sample.ttft_ms / 1000).toFixed(2)} s\n`);
   const runs: RunSample[] = [];
   for (let i = 0; i < a.runs; i++) {
     const { sample } = await once(a.forcedIds);
     runs.push(sample);
     process.stderr.write(
-      `  ${model.dtype}: run ${i + 1}/${a.runs}: TTFT ${(sample.ttft_ms / 1000).toFixed(2)} s, decode ${sample.decode_tok_s.toFixed(2)} tok/s\n`,
+      `  ${label}: run ${i + 1}/${a.runs}: TTFT ${(sample.ttft_ms / 1000).toFixed(2)} s, decode ${sample.decode_tok_s.toFixed(2)} tok/s\n`,
     );
   }
   const out: Omit<SingleResult, "peak_rss_bytes"> = {
     dtype: model.dtype,
+    variant: label,
     io_float_type: model.ioFloatType,
     load_ms: loadMs,
     rss_after_load_bytes: rssAfterLoad,

@@ -8,6 +8,7 @@ import { createRequire } from "node:module";
 import { cpus, totalmem, freemem, loadavg, tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import type { ConvertDtype } from "../../gpu-backend/src/convert/index.ts";
 
 export const ROOT = resolve(fileURLToPath(new URL("../..", import.meta.url)));
 export const BENCH_DIR = join(ROOT, "bench");
@@ -15,8 +16,24 @@ export const GOLDEN_DIR = resolve(ROOT, "..", "shared", "golden");
 export const TSX = join(ROOT, "node_modules", "tsx", "dist", "cli.mjs");
 export const DEFAULT_CACHE = join(tmpdir(), "medvlm-bench-cache");
 
-export type Dtype = "fp32" | "fp16" | "int8" | "int4";
-export const ALL_DTYPES: readonly Dtype[] = ["fp32", "fp16", "int8", "int4"];
+/**
+ * What the suites measure, one converted folder each (`onnx-<dtype>` in the cache): the converter's dtypes,
+ * and `int8-w8a8` = dtype int8 with W8A8 decoder layers (and, by the converter's default, W8A8 vision).
+ */
+export type Dtype = "fp32" | "fp16" | "int8" | "int4" | "int8-w8a8";
+export const ALL_DTYPES: readonly Dtype[] = ["fp32", "fp16", "int8", "int4", "int8-w8a8"];
+
+/** `--dtypes` when not given (without --quick). */
+export const DEFAULT_DTYPES: readonly Dtype[] = ["fp32", "int8", "int4", "int8-w8a8"];
+
+/** The converter options of each variant (everything else at the converter's defaults). */
+export const CONVERT_VARIANTS: Readonly<Record<Dtype, { dtype: ConvertDtype; w8a8?: true }>> = {
+  fp32: { dtype: "fp32" },
+  fp16: { dtype: "fp16" },
+  int8: { dtype: "int8" },
+  int4: { dtype: "int4" },
+  "int8-w8a8": { dtype: "int8", w8a8: true },
+};
 
 /** Options shared by all suites (see bench/run.ts for their defaults). */
 export interface BenchOptions {

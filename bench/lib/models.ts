@@ -4,7 +4,9 @@
  *
  *   <size>/config.json           the config the checkpoint is made for (2b: Qwen2-VL-2B-Instruct's values)
  *   <size>/ckpt/                 make-test-model output (2b: bf16, ~4.4 GB; tiny: f32)
- *   <size>/onnx-<dtype>/         convertModel output (its manifest.json is what makes it "done")
+ *   <size>/onnx-<dtype>/         convertModel output, one per variant (fp32, fp16, int8, int4, int8-w8a8); reused
+ *                                while its manifest.json shows the same dtype, shape, source checkpoint, converter
+ *                                revision and graph options (`conversionMismatch`), else converted again
  *   <size>/bench-models.json     how long each step took and its peak RSS (kept from the run that did it)
  *
  * `size` is "2b" (the full-size shape) or "tiny" (golden config A, for --quick and the smoke test).
@@ -13,7 +15,9 @@
 import { createHash } from "node:crypto";
 import { existsSync, mkdirSync, openSync, readFileSync, readSync, closeSync, readdirSync, statSync, statfsSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { GOLDEN_DIR, ROOT, type BenchOptions, type Dtype, fmt, fmtBytes, log, runChild } from "./common.ts";
+import { CONVERTER_REVISION, graphOptionsOf } from "../../gpu-backend/src/convert/index.ts";
+import { canonicalJson } from "../../shared/src/fingerprint.ts";
+import { CONVERT_VARIANTS, GOLDEN_DIR, ROOT, type BenchOptions, type Dtype, fmt, fmtBytes, log, runChild } from "./common.ts";
 
 export type ModelSize = "2b" | "tiny";
 
@@ -134,14 +138,26 @@ export function graphBytes(onnxDir: string): GraphBytes {
   return { vision, embed, decoder, total: folderBytes(onnxDir) };
 }
 
-/** Why a converted folder is not reusable, or null when it is (dtype, shape and source checkpoint agree). */
+/**
+ * Why a converted folder is not reusable, or null when it is: the manifest must show the variant's dtype, the
+ * benchmark shape, the current converter revision (`CONVERTER_REVISION`: the graphs the converter emits now),
+ * the variant's graph options (`converter.options`, e.g. w8a8, W8A8 vision, external data) and the source
+ * checkpoint's header hashes. Folders written before the converter recorded its revision never qualify.
+ */
 export function conversionMismatch(onnxDir: string, dtype: Dtype, size: ModelSize, ckptFiles: string[] | null): string | null {
   const m = readJson(join(onnxDir, "manifest.json"));
   if (!m) return "no manifest.json";
-  if (m.dtype !== dtype) return `manifest dtype ${String(m.dtype)}`;
+  const variant = CONVERT_VARIANTS[dtype];
+  if (m.dtype !== variant.dtype) return `manifest dtype ${String(m.dtype)}`;
   const cfg = expectedConfig(size);
   const dec = (m.decoder ?? {}) as Record<string, unknown>;
   if (dec.num_hidden_layers !== cfg.num_hidden_layers || dec.hidden_size !== cfg.hidden_size) return "manifest decoder shape differs";
+  const conv = (m.converter ?? {}) as { revision?: unknown; options?: Record<string, unknown> };
+  if (conv.revision !== CONVERTER_REVISION) return `converter revision ${conv.revision === undefined ? "(none)" : String(conv.revision)}, now ${CONVERTER_REVISION}`;
+  const want = graphOptionsOf(variant) as unknown as Record<string, unknown>;
+  const have = conv.options ?? {};
+  const differ = [...new Set([...Object.keys(want), ...Object.keys(have)])].filter((k) => canonicalJson(want[k]) !== canonicalJson(have[k]));
+  if (differ.length) return `converter options differ (${differ.map((k) => `${k}: ${canonicalJson(have[k])} → ${canonicalJson(want[k])}`).join(", ")})`;
   const graphs = (m.graphs ?? {}) as Record<string, { file: string; data_file?: string }>;
   for (const g of Object.values(graphs)) {
     if (!existsSync(join(onnxDir, g.file)) || (g.data_file && !existsSync(join(onnxDir, g.data_file)))) return `${g.file} missing`;
@@ -180,7 +196,7 @@ function freeBytes(dir: string): number {
 }
 
 /** Rough output size of each step for the 2B shape (disk check before starting). */
-const NEED_2B: Record<string, number> = { ckpt: 4.5e9, fp32: 9.6e9, fp16: 4.9e9, int8: 5.3e9, int4: 4.7e9 };
+const NEED_2B: Record<string, number> = { ckpt: 4.5e9, fp32: 9.6e9, fp16: 4.9e9, int8: 5.3e9, int4: 4.7e9, "int8-w8a8": 3.5e9 };
 
 export interface EnsureResult {
   size: ModelSize;
@@ -252,7 +268,7 @@ export async function ensureModels(opts: BenchOptions, dtypes: Dtype[]): Promise
     try {
       const { result } = await runChild<{ seconds: number; peak_rss_bytes: number }>(
         "convert.ts",
-        { kind: "convert", model: paths.ckpt, outDir: dir, dtype },
+        { kind: "convert", model: paths.ckpt, outDir: dir, ...CONVERT_VARIANTS[dtype], label: dtype },
         { timeoutS: opts.childTimeoutS },
       );
       const r: StepRecord = {

@@ -33,7 +33,7 @@ export async function bandwidthSuite(opts: BenchOptions): Promise<{ file: string
     }
     log(`bandwidth: decode ${dtype} (${opts.runs} runs × ${opts.tokens} tokens)`);
     try {
-      const r = await runOurs(opts, dir, opts.tokens, opts.runs);
+      const r = await runOurs(opts, dir, opts.tokens, opts.runs, dtype);
       rows.push({ dtype, decoder_bytes: graphBytes(dir).decoder, decode_tok_s: spread(r.runs.map((x) => x.decode_tok_s)), decode_step_ms: spread(r.runs.map((x) => x.decode_step_ms_median)), peak_rss_bytes: r.peak_rss_bytes });
     } catch (e) {
       failures[dtype] = (e as Error).message;

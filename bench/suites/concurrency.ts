@@ -21,7 +21,7 @@ export async function concurrencySuite(opts: BenchOptions): Promise<{ file: stri
       continue;
     }
     log(`concurrency: ${dtype}, levels ${opts.levels.join(",")} × ${opts.rounds} round(s), maxBatch ${opts.maxBatch}, ${opts.tokens}+L tokens each`);
-    const args: ConcurrencyArgs = { modelDir: dir, threads: opts.threads, maxBatch: opts.maxBatch, levels: opts.levels, tokens: opts.tokens, rounds: opts.rounds };
+    const args: ConcurrencyArgs = { modelDir: dir, threads: opts.threads, maxBatch: opts.maxBatch, levels: opts.levels, tokens: opts.tokens, rounds: opts.rounds, label: dtype };
     try {
       const { result } = await runChild<ConcurrencyResult>("concurrency.ts", args, { timeoutS: opts.childTimeoutS });
       results.push(result);

@@ -57,8 +57,8 @@ export function agreeingPrefix(a: number[] | undefined, b: number[] | undefined)
   return i;
 }
 
-/** Runs one dtype through our engine in a child. */
-export async function runOurs(opts: BenchOptions, modelDir: string, tokens: number, runs: number): Promise<SingleResult> {
+/** Runs one variant (`label`, e.g. int8-w8a8) through our engine in a child. */
+export async function runOurs(opts: BenchOptions, modelDir: string, tokens: number, runs: number, label?: string): Promise<SingleResult> {
   const p = evalPrompt();
   const args: SingleArgs = {
     modelDir,
@@ -68,6 +68,7 @@ export async function runOurs(opts: BenchOptions, modelDir: string, tokens: numb
     warmupTokens: Math.min(8, tokens),
     messages: p.messages,
     baseDir: p.baseDir,
+    ...(label ? { label } : {}),
   };
   return (await runChild<SingleResult>("single.ts", args, { timeoutS: opts.childTimeoutS })).result;
 }
@@ -93,7 +94,7 @@ export async function singleSuite(opts: BenchOptions): Promise<{ file: string; b
     if (dtype !== "fp32" || opts.noTjs) {
       log(`single: ours ${dtype} (${opts.runs} runs × ${opts.tokens} forced tokens, ${opts.threads} threads)`);
       try {
-        ours[dtype] = await runOurs(opts, dir, opts.tokens, opts.runs);
+        ours[dtype] = await runOurs(opts, dir, opts.tokens, opts.runs, dtype);
       } catch (e) {
         failures[dtype] = errorText(e);
       }
@@ -108,7 +109,7 @@ export async function singleSuite(opts: BenchOptions): Promise<{ file: string; b
     const theirRuns: TjsResult[] = [];
     try {
       for (let i = 0; i < opts.runs; i++) {
-        const o = await runOurs(opts, dir, opts.tokens, 1);
+        const o = await runOurs(opts, dir, opts.tokens, 1, "fp32");
         oursRuns.push(o);
         let t: TjsResult;
         try {

@@ -2,11 +2,13 @@
  * The benchmark harness runs end to end on the tiny model (config A) with tiny counts and writes well-formed
  * result files. No timing is asserted: benchmarks are scripts (`npm run bench`), this only keeps them working.
  */
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
+import { conversionMismatch } from "../../bench/lib/models.ts";
 import { parseBenchArgs, runBench, UsageError } from "../../bench/run.ts";
+import { CONVERTER_REVISION } from "../../gpu-backend/src/convert/index.ts";
 
 const work = mkdtempSync(join(tmpdir(), "bench-smoke-"));
 const common = ["--quick", "--cache", join(work, "cache"), "--results-dir", join(work, "results")];
@@ -33,6 +35,8 @@ describe("bench (quick, tiny model)", () => {
     expect(() => parseBenchArgs(["nope"])).toThrow(UsageError);
     expect(() => parseBenchArgs(["single", "--dtypes", "int3"])).toThrow(UsageError);
     expect(() => parseBenchArgs(["single", "--tokens", "1"])).toThrow(UsageError);
+    expect(parseBenchArgs(["single"]).opts.dtypes).toEqual(["fp32", "int8", "int4", "int8-w8a8"]);
+    expect(parseBenchArgs(["single", "--dtypes", "int4,int8-w8a8"]).opts.dtypes).toEqual(["int4", "int8-w8a8"]);
   });
 
   it("models: builds the checkpoint and conversions, then skips them by manifest", async () => {
@@ -48,6 +52,35 @@ describe("bench (quick, tiny model)", () => {
     const [again] = await runBench(["models", ...common]);
     expect(readResult(again!).steps.map((s: { status: string }) => s.status)).toEqual(["skipped", "skipped", "skipped"]);
   }, 240_000);
+
+  it("models: a folder from another converter revision or with other graph options is not reused", () => {
+    const dir = join(work, "cache", "tiny", "onnx-int4");
+    expect(conversionMismatch(dir, "int4", "tiny", null)).toBeNull();
+    const manifest = JSON.parse(readFileSync(join(dir, "manifest.json"), "utf8"));
+    expect(manifest.converter.revision).toBe(CONVERTER_REVISION);
+    // A copy of the folder (graphs symlinked) with an edited manifest.
+    const edited = (name: string, edit: (m: Record<string, any>) => void): string => {
+      const d = join(work, name);
+      mkdirSync(d);
+      for (const f of readdirSync(dir)) if (f !== "manifest.json") symlinkSync(join(dir, f), join(d, f));
+      const m = structuredClone(manifest);
+      edit(m);
+      writeFileSync(join(d, "manifest.json"), JSON.stringify(m));
+      return d;
+    };
+    expect(conversionMismatch(edited("old", (m) => delete m.converter.revision), "int4", "tiny", null)).toBe(`converter revision (none), now ${CONVERTER_REVISION}`);
+    expect(conversionMismatch(edited("older", (m) => (m.converter.revision = CONVERTER_REVISION - 1)), "int4", "tiny", null)).toMatch(/^converter revision \d+, now/);
+    expect(conversionMismatch(edited("fv", (m) => (m.converter.options.vision_int8 = false)), "int4", "tiny", null)).toBe("converter options differ (vision_int8: false → true)");
+    expect(conversionMismatch(edited("noopts", (m) => delete m.converter.options), "int4", "tiny", null)).toMatch(/^converter options differ \(dtype: null → "int4"/);
+    // int8 weight-only vs int8-w8a8: same manifest dtype, told apart by the options.
+    const int8 = edited("int8", (m) => {
+      m.dtype = "int8";
+      Object.assign(m.converter.options, { dtype: "int8", vision_int8: false, quant: { ...m.converter.options.quant, bits: 8 } });
+    });
+    expect(conversionMismatch(int8, "int8", "tiny", null)).toBeNull();
+    expect(conversionMismatch(int8, "int8-w8a8", "tiny", null)).toBe("converter options differ (w8a8: false → true, vision_int8: false → true)");
+    expect(conversionMismatch(dir, "int8-w8a8", "tiny", null)).toBe("manifest dtype int4");
+  });
 
   it("single: per dtype, and transformers.js on our fp32 files as the peer", async () => {
     const [file] = await runBench(["single", ...common]);
@@ -69,14 +102,15 @@ describe("bench (quick, tiny model)", () => {
     expect(r.parity.transformers_js_vs_ours_fp32.agreeing_prefix).toBe(r.transformers_js.argmax_ids.length);
   }, 300_000);
 
-  it("bandwidth: a measured bound and each dtype's fraction of it", async () => {
-    const [file] = await runBench(["bandwidth", ...common, "--dtypes", "int4"]);
+  it("bandwidth: a measured bound and each dtype's fraction of it (int8-w8a8 converted on demand)", async () => {
+    const [file] = await runBench(["bandwidth", ...common, "--dtypes", "int4,int8-w8a8"]);
     const r = readResult(file!);
     expectMachine(r);
     expect(positive(r.bandwidth.bound_bytes_per_s)).toBe(true);
-    expect(r.decode).toHaveLength(1);
-    expect(r.decode[0]).toMatchObject({ dtype: "int4" });
-    expect(positive(r.decode[0].fraction) && positive(r.decode[0].bound_tok_s) && positive(r.decode[0].decoder_bytes)).toBe(true);
+    expect(r.decode.map((d: { dtype: string }) => d.dtype)).toEqual(["int4", "int8-w8a8"]);
+    for (const d of r.decode) expect(positive(d.fraction) && positive(d.bound_tok_s) && positive(d.decoder_bytes)).toBe(true);
+    const m = JSON.parse(readFileSync(join(work, "cache", "tiny", "onnx-int8-w8a8", "manifest.json"), "utf8"));
+    expect(m).toMatchObject({ dtype: "int8", quantization: { method: "MatMulInteger", w8a8: true }, converter: { options: { w8a8: true, vision_int8: true } } });
   }, 240_000);
 
   it("concurrency: aggregate decode per level through the BatchingEngine", async () => {

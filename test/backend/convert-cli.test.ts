@@ -64,7 +64,7 @@ describe("convert CLI", () => {
     expect(m.quantization.applies_to).toMatch(/lm_head float32/);
   });
 
-  it("--vision-int8 / --no-vision-int8 override the dtype's default (W8A8 vision for int4 only)", async () => {
+  it("--vision-int8 / --no-vision-int8 override the dtype's default (W8A8 vision for int4, and int8 with --w8a8)", async () => {
     const visionOps = (dir: string) => readFileSync(join(dir, "vision_encoder.onnx")).includes("MatMulInteger");
     let o = io(false);
     const fp32 = join(tmp, "fp32-v8");
@@ -88,6 +88,35 @@ describe("convert CLI", () => {
     o = io(false);
     expect(await runConvertCli(["--help"], o)).toBe(0);
     expect(o.out).toContain("--vision-int8, --no-vision-int8");
+  });
+
+  it("--w8a8 (int8 only): W8A8 decoder layers, W8A8 vision by default, said in the summary and the manifest", async () => {
+    const w8 = join(tmp, "int8-w8a8");
+    let o = io(false);
+    expect(await runConvertCli(["--model", TINY, "--out", w8, "--dtype", "int8", "--w8a8"], o)).toBe(0);
+    expect(o.err).toBe("");
+    expect(o.out).toMatch(/\(int8, W8A8 decoder layers, LM head 8-bit block 32, vision W8A8\) in/);
+    const m = JSON.parse(readFileSync(join(w8, "manifest.json"), "utf8"));
+    expect(m.quantization).toMatchObject({ method: "MatMulInteger", w8a8: true, parts: { decoder_layers: expect.stringMatching(/^MatMulInteger W8A8/), lm_head: expect.stringMatching(/^MatMulNBits int8/) } });
+    expect(m.vision_quantization).toMatchObject({ method: "MatMulInteger" });
+    expect(m.converter.options).toMatchObject({ dtype: "int8", w8a8: true, vision_int8: true });
+    o = io(false);
+    const fv = join(tmp, "int8-w8a8-fv");
+    expect(await runConvertCli(["--model", TINY, "--out", fv, "--dtype", "int8", "--w8a8", "--no-vision-int8", "--no-quantize-lm-head"], o)).toBe(0);
+    expect(o.out).toMatch(/\(int8, W8A8 decoder layers, LM head float32\) in/);
+    const mf = JSON.parse(readFileSync(join(fv, "manifest.json"), "utf8"));
+    expect(mf.vision_quantization).toBeUndefined();
+    expect(mf.quantization.parts.lm_head).toBe("float32");
+    for (const dtype of [[], ["--dtype", "fp32"], ["--dtype", "fp16"], ["--dtype", "int4"]]) {
+      o = io(false);
+      expect(await runConvertCli(["--model", TINY, "--out", join(tmp, "w"), ...dtype, "--w8a8"], o)).toBe(2);
+      expect(o.err).toMatch(/--w8a8 \(W8A8 decoder layers\) needs --dtype int8, got (fp32|fp16|int4)\n/);
+      expect(o.err).toContain("usage: npx tsx scripts/convert.ts");
+    }
+    nothingWritten(join(tmp, "w"));
+    o = io(false);
+    expect(await runConvertCli(["--help"], o)).toBe(0);
+    expect(o.out).toMatch(/--w8a8 +--dtype int8 only/);
   });
 
   it("usage errors exit 2 naming the flag", async () => {

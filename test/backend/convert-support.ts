@@ -158,3 +158,54 @@ export class QwenOnnx {
     }
   }
 }
+
+/**
+ * The nodes of an ONNX file (`name`, `op_type`, `domain`), read with a minimal protobuf walker: ModelProto
+ * field 7 = graph, GraphProto field 1 = node, NodeProto fields 3/4/7 = name/op_type/domain. Initializer data
+ * is skipped, never decoded.
+ */
+export function onnxNodes(bytes: Uint8Array): Array<{ name: string; opType: string; domain: string }> {
+  const varint = (b: Uint8Array, p: { i: number }): number => {
+    let v = 0;
+    let mul = 1;
+    for (;;) {
+      const x = b[p.i++]!;
+      v += (x & 0x7f) * mul;
+      if (x < 0x80) return v;
+      mul *= 128;
+    }
+  };
+  /** Calls `on(field, payload)` for each length-delimited field of a message. */
+  const fields = (b: Uint8Array, on: (field: number, payload: Uint8Array) => void): void => {
+    const p = { i: 0 };
+    while (p.i < b.length) {
+      const key = varint(b, p);
+      const wire = key & 7;
+      const field = Math.floor(key / 8);
+      if (wire === 0) varint(b, p);
+      else if (wire === 1) p.i += 8;
+      else if (wire === 5) p.i += 4;
+      else if (wire === 2) {
+        const n = varint(b, p);
+        on(field, b.subarray(p.i, p.i + n));
+        p.i += n;
+      } else throw new Error(`unsupported protobuf wire type ${wire}`);
+    }
+  };
+  const text = (b: Uint8Array) => Buffer.from(b).toString("utf8");
+  const nodes: Array<{ name: string; opType: string; domain: string }> = [];
+  fields(bytes, (f, graph) => {
+    if (f !== 7) return;
+    fields(graph, (g, node) => {
+      if (g !== 1) return;
+      const n = { name: "", opType: "", domain: "" };
+      fields(node, (k, v) => {
+        if (k === 3) n.name = text(v);
+        else if (k === 4) n.opType = text(v);
+        else if (k === 7) n.domain = text(v);
+      });
+      nodes.push(n);
+    });
+  });
+  return nodes;
+}

@@ -44,8 +44,9 @@ export interface DecoderOptions {
   /** Quantize the LM head too when the dtype is int8/int4 (default true). */
   quantizeLmHead?: boolean;
   /**
-   * Experimental: the layers' Linear weights as W8A8 (`LinearOptions.int8Dynamic`) instead of MatMulNBits
-   * (float32 graphs; the LM head follows the dtype).
+   * The layers' Linear weights as W8A8 (`LinearOptions.int8Dynamic`: MatMulInteger, int8 weights per output
+   * feature, int8 activations per token) instead of MatMulNBits (float32 graphs; `ConvertOptions.w8a8`, int8
+   * only). The LM head follows the dtype (MatMulNBits int8, or float with `quantizeLmHead: false`).
    */
   w8a8?: boolean;
   /**
