@@ -12,6 +12,8 @@
  * a skipped special token is transparent. Ids with no token are skipped.
  */
 
+import { byteLevelChars } from "../../../shared/src/tokenizer/index.ts";
+
 /** Stable codes of {@link DetokenizerError}. */
 export type DetokenizerErrorCode = "invalid_tokenizer";
 
@@ -25,18 +27,10 @@ export class DetokenizerError extends Error {
   }
 }
 
-/**
- * GPT-2's `bytes_to_unicode`: printable Latin-1 bytes map to themselves, the other 68 bytes to
- * U+0100.. in byte order. Returned as the inverse table: char code → byte (−1 if not a byte char).
- */
+/** Inverse of GPT-2's `bytes_to_unicode` (see {@link byteLevelChars}): char code → byte (−1 if not a byte char). */
 function unicodeToByteTable(): Int16Array {
   const table = new Int16Array(256 + 68).fill(-1);
-  const printable = (b: number) => (b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || (b >= 0xae && b <= 0xff);
-  let n = 0;
-  for (let b = 0; b < 256; b++) {
-    if (printable(b)) table[b] = b;
-    else table[256 + n++] = b;
-  }
+  byteLevelChars().forEach((ch, b) => (table[ch.charCodeAt(0)] = b));
   return table;
 }
 
