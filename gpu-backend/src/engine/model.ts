@@ -55,7 +55,6 @@ export interface LoadedModel {
   preprocessor: PreprocessorConfig;
   meta: ModelMeta;
   tokenizerJson: Record<string, unknown>;
-  tokenizerConfig: Record<string, unknown>;
   /** From manifest.json: "fp32" | "fp16" | "int8" | "int4". */
   dtype: string;
   /** Float type of the graphs' inputs and outputs (fp16 graphs take and return float16). */
@@ -120,7 +119,6 @@ export async function loadModel(dir: string, opts: EngineOptions = {}): Promise<
   const preprocessorJson = await readJson(join(dir, "preprocessor_config.json"));
   const generationJson = existsSync(join(dir, "generation_config.json")) ? await readJson(join(dir, "generation_config.json")) : {};
   const tokenizerJson = await readJson(join(dir, "tokenizer.json"));
-  const tokenizerConfig = existsSync(join(dir, "tokenizer_config.json")) ? await readJson(join(dir, "tokenizer_config.json")) : {};
   const manifest = existsSync(join(dir, "manifest.json")) ? await readJson(join(dir, "manifest.json")) : {};
   const config = parseQwen2VLConfig(configJson);
   const fingerprint = await modelFingerprint({ tokenizer: tokenizerJson, config: configJson, preprocessor: preprocessorJson });
@@ -155,7 +153,6 @@ export async function loadModel(dir: string, opts: EngineOptions = {}): Promise<
     preprocessor,
     meta,
     tokenizerJson,
-    tokenizerConfig,
     dtype: typeof manifest.dtype === "string" ? manifest.dtype : "fp32",
     ioFloatType,
     sessions: { vision, ...(embed ? { embed } : {}), decoder },
