@@ -17,8 +17,8 @@
  * (the message names the tensor/file/setting; nothing is left half-written), 2 for usage errors.
  */
 import { pathToFileURL } from "node:url";
-import { parseArgs } from "node:util";
 import { CheckpointError, formatBytes } from "../gpu-backend/src/checkpoint/index.ts";
+import { type CliIO, parseCli, processIO, progressBar, type Usage, usageError } from "./lib/cli.ts";
 import { CONVERT_DTYPES, type ConvertDtype, ConvertError, type ConvertOptions, convertModel } from "../gpu-backend/src/convert/index.ts";
 
 const USAGE =
@@ -30,56 +30,31 @@ const USAGE =
   "  --vision-int8, --no-vision-int8  vision encoder blocks as W8A8 int8 GEMMs, or float32 " +
   "(default: int8 vision for --dtype int4 and for --dtype int8 --w8a8; not available for fp16)";
 
-/** Where the CLI writes (injectable for tests). */
-export interface CliIO {
-  stdout: (s: string) => void;
-  stderr: (s: string) => void;
-  isTTY: boolean;
-  columns?: number;
-}
-
-const processIO: CliIO = {
-  stdout: (s) => void process.stdout.write(s),
-  stderr: (s) => void process.stderr.write(s),
-  isTTY: process.stderr.isTTY === true,
-  columns: process.stderr.columns,
-};
-
 /** Runs the converter CLI on `argv` (without node/script); returns the exit status. */
 export async function runConvertCli(argv: string[], io: CliIO = processIO): Promise<number> {
-  const usage = (msg: string): number => {
-    io.stderr(`${msg}\n${USAGE}\n`);
-    return 2;
-  };
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args: argv,
-      options: {
-        model: { type: "string" },
-        out: { type: "string" },
-        dtype: { type: "string", default: "fp32" },
-        "block-size": { type: "string" },
-        symmetric: { type: "boolean", default: false },
-        "accuracy-level": { type: "string" },
-        "no-quantize-lm-head": { type: "boolean", default: false },
-        w8a8: { type: "boolean", default: false },
-        "vision-int8": { type: "boolean", default: false },
-        "no-vision-int8": { type: "boolean", default: false },
-        "full-logits": { type: "boolean", default: false },
-        "external-data": { type: "string", default: "auto" },
-        "hash-files": { type: "boolean", default: false },
-        overwrite: { type: "boolean", default: false },
-        help: { type: "boolean", short: "h", default: false },
-      },
-    }));
-  } catch (e) {
-    return usage((e as Error).message);
-  }
-  if (values.help) {
-    io.stdout(`${USAGE}\n`);
-    return 0;
-  }
+  const u: Usage = { text: USAGE, io };
+  const usage = (msg: string): number => usageError(u, msg);
+  const values = parseCli(
+    argv,
+    {
+      model: { type: "string" },
+      out: { type: "string" },
+      dtype: { type: "string", default: "fp32" },
+      "block-size": { type: "string" },
+      symmetric: { type: "boolean", default: false },
+      "accuracy-level": { type: "string" },
+      "no-quantize-lm-head": { type: "boolean", default: false },
+      w8a8: { type: "boolean", default: false },
+      "vision-int8": { type: "boolean", default: false },
+      "no-vision-int8": { type: "boolean", default: false },
+      "full-logits": { type: "boolean", default: false },
+      "external-data": { type: "string", default: "auto" },
+      "hash-files": { type: "boolean", default: false },
+      overwrite: { type: "boolean", default: false },
+    },
+    u,
+  );
+  if (typeof values === "number") return values;
   if (!values.model || !values.out) return usage("--model and --out are required");
   const dtype = values.dtype as ConvertDtype;
   if (!CONVERT_DTYPES.includes(dtype)) return usage(`--dtype must be one of ${CONVERT_DTYPES.join(", ")}, got ${values.dtype}`);
@@ -103,7 +78,7 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
   const visionInt8 = values["vision-int8"] ? true : values["no-vision-int8"] ? false : undefined;
 
   const started = performance.now();
-  let lastDraw = 0;
+  const bar = { lastDraw: 0 };
   let drew = false;
   try {
     const res = await convertModel({
@@ -121,15 +96,9 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
       ...(io.isTTY
         ? {
             onProgress: (p) => {
-              const now = performance.now();
-              if (now - lastDraw < 100 && p.doneBytes < p.totalBytes) return;
-              lastDraw = now;
-              drew = true;
               const frac = p.totalBytes > 0 ? p.doneBytes / p.totalBytes : 1;
-              const width = 30;
-              const fill = Math.round(frac * width);
-              const line = `[${"#".repeat(fill)}${"-".repeat(width - fill)}] ${(frac * 100).toFixed(1).padStart(5)}% ${formatBytes(p.doneBytes)}/${formatBytes(p.totalBytes)} ${p.graph}`;
-              io.stderr(`\r${line.slice(0, (io.columns || 120) - 1)}\x1b[K`);
+              const label = `${formatBytes(p.doneBytes)}/${formatBytes(p.totalBytes)} ${p.graph}`;
+              drew = progressBar(io, frac, label, p.doneBytes >= p.totalBytes, bar) || drew;
             },
           }
         : {}),

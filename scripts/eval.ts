@@ -12,10 +12,10 @@
  */
 import { dirname, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
-import { parseArgs } from "node:util";
 import { EngineLoadError } from "../gpu-backend/src/engine/model.ts";
 import { DatasetError } from "../gpu-backend/src/eval/dataset.ts";
-import { buildResults, createProgress, formatTable, writeResults, type CliIO } from "../gpu-backend/src/eval/report.ts";
+import { buildResults, createProgress, formatTable, writeResults } from "../gpu-backend/src/eval/report.ts";
+import { type CliIO, parseCli, processIO, type Usage, usageError } from "./lib/cli.ts";
 import { DEFAULT_BATCH, EvalError, REFERENCE_MAX_NEW_TOKENS, runEvaluation, type EvalTarget } from "../gpu-backend/src/eval/run.ts";
 
 const USAGE =
@@ -24,51 +24,34 @@ const USAGE =
   "         [--out results.json (default eval-results.json)] [--save-outputs] [--skip-missing] [--provider cpu|cuda] [--threads N]\n" +
   "  --images defaults to the data file's folder; the items' image paths are relative to it.";
 
-const processIO: CliIO = {
-  stdout: (s) => void process.stdout.write(s),
-  stderr: (s) => void process.stderr.write(s),
-  isTTY: process.stderr.isTTY === true,
-  columns: process.stderr.columns,
-};
-
 /** Most dataset warnings printed one by one (all are counted, and listed by index in the results file). */
 const MAX_WARNING_LINES = 20;
 
 /** Runs the evaluation CLI on `argv` (without node/script); returns the exit status. */
 export async function runEvalCli(argv: string[], io: CliIO = processIO, env: NodeJS.ProcessEnv = process.env): Promise<number> {
-  const usage = (msg: string): number => {
-    io.stderr(`eval: ${msg}\n${USAGE}\n`);
-    return 2;
-  };
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args: argv,
-      options: {
-        data: { type: "string" },
-        images: { type: "string" },
-        model: { type: "string" },
-        api: { type: "string" },
-        token: { type: "string" },
-        batch: { type: "string" },
-        limit: { type: "string" },
-        subset: { type: "string" },
-        "max-new-tokens": { type: "string" },
-        out: { type: "string", default: "eval-results.json" },
-        "save-outputs": { type: "boolean", default: false },
-        "skip-missing": { type: "boolean", default: false },
-        provider: { type: "string", default: "cpu" },
-        threads: { type: "string" },
-        help: { type: "boolean", short: "h", default: false },
-      },
-    }));
-  } catch (e) {
-    return usage((e as Error).message);
-  }
-  if (values.help) {
-    io.stdout(`${USAGE}\n`);
-    return 0;
-  }
+  const u: Usage = { text: USAGE, io, prefix: "eval: " };
+  const usage = (msg: string): number => usageError(u, msg);
+  const values = parseCli(
+    argv,
+    {
+      data: { type: "string" },
+      images: { type: "string" },
+      model: { type: "string" },
+      api: { type: "string" },
+      token: { type: "string" },
+      batch: { type: "string" },
+      limit: { type: "string" },
+      subset: { type: "string" },
+      "max-new-tokens": { type: "string" },
+      out: { type: "string", default: "eval-results.json" },
+      "save-outputs": { type: "boolean", default: false },
+      "skip-missing": { type: "boolean", default: false },
+      provider: { type: "string", default: "cpu" },
+      threads: { type: "string" },
+    },
+    u,
+  );
+  if (typeof values === "number") return values;
   if (!values.data) return usage("--data is required");
   if (!values.model === !values.api) return usage("give exactly one of --model <onnx folder> (local) and --api <base URL>");
   const int = (name: string, v: string | undefined): number | undefined | null => {

@@ -2,7 +2,7 @@
  * The edge's configuration, parsed from wrangler vars once per isolate. Invalid values fail every request
  * with 500 `internal_error` (and a log line naming the variable), never a silent default.
  */
-import { ApiError } from "../../shared/src/errors.ts";
+import { ApiError, NamedError } from "../../shared/src/errors.ts";
 import type { EdgeEnv } from "./env.ts";
 
 export interface EdgeConfig {
@@ -21,9 +21,7 @@ export interface EdgeConfig {
 }
 
 /** A configuration problem; its message names the variable and is logged, not shown to clients. */
-export class ConfigError extends Error {
-  override name = "ConfigError";
-}
+export class ConfigError extends NamedError {}
 
 function int(env: EdgeEnv, key: keyof EdgeEnv, fallback: number): number {
   const raw = env[key];

@@ -41,16 +41,33 @@ export interface ErrorBody {
   error: { code: ErrorCode; message: string; request_id?: string };
 }
 
+/** An error whose `name` is its class's name (what logs and `instanceof`-free checks see). */
+export class NamedError extends Error {
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = new.target.name;
+  }
+}
+
+/**
+ * Base of the project's typed errors, as jose's: `code` is stable and what callers branch on (never the
+ * message); subclasses narrow `C` to their codes and add their own fields.
+ */
+export class CodedError<C extends string> extends NamedError {
+  readonly code: C;
+  constructor(code: C, message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.code = code;
+  }
+}
+
 /** An error that carries a stable code; its HTTP status follows from the code. */
-export class ApiError extends Error {
-  readonly code: ErrorCode;
+export class ApiError extends CodedError<ErrorCode> {
   readonly status: number;
   /** Extra response headers (e.g. `Retry-After`, `WWW-Authenticate`). */
   readonly headers: Record<string, string>;
   constructor(code: ErrorCode, message: string, headers: Record<string, string> = {}) {
-    super(message);
-    this.name = "ApiError";
-    this.code = code;
+    super(code, message);
     this.status = ERROR_STATUS[code];
     this.headers = headers;
   }

@@ -10,7 +10,8 @@ import { promisify } from "node:util";
 import { afterAll, describe, expect, it } from "vitest";
 import { CheckpointError } from "../../gpu-backend/src/checkpoint/index.ts";
 import { ConvertError, convertModel } from "../../gpu-backend/src/convert/index.ts";
-import { type CliIO, runConvertCli } from "../../scripts/convert.ts";
+import { runConvertCli } from "../../scripts/convert.ts";
+import type { CliIO } from "../../scripts/lib/cli.ts";
 import { GOLDEN_DIR, PROJECT_ROOT } from "../support/golden.ts";
 
 const TINY = join(GOLDEN_DIR, "tiny-a");

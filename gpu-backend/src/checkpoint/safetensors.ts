@@ -10,6 +10,7 @@
  */
 import { open, readFile, stat, type FileHandle } from "node:fs/promises";
 import { basename, join, resolve } from "node:path";
+import { CodedError } from "../../../shared/src/errors.ts";
 
 /** Element types this converter reads and writes. */
 export type DType = "F32" | "F16" | "BF16";
@@ -49,14 +50,7 @@ export type CheckpointErrorCode =
   | "output_exists";
 
 /** Any problem with a checkpoint folder, file, header, tensor or config; the message names the file/tensor. */
-export class CheckpointError extends Error {
-  readonly code: CheckpointErrorCode;
-  constructor(code: CheckpointErrorCode, message: string, options?: { cause?: unknown }) {
-    super(message, options);
-    this.name = "CheckpointError";
-    this.code = code;
-  }
-}
+export class CheckpointError extends CodedError<CheckpointErrorCode> {}
 
 /** The safetensors reference implementation refuses headers above 100 MB; so do we (a garbage length must not allocate). */
 export const MAX_HEADER_BYTES = 100_000_000;

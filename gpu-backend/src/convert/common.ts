@@ -5,6 +5,7 @@
  */
 import type { DeferredBytes, ElemType, GraphBuilder, Value } from "../onnx/index.ts";
 import { type QuantConfig, checkQuantConfig, quantizeBlockwise, zeroPointRowBytes } from "./quantize.ts";
+import { CodedError } from "../../../shared/src/errors.ts";
 
 /** Output precision of a conversion. */
 export type ConvertDtype = "fp32" | "fp16" | "int8" | "int4";
@@ -39,14 +40,7 @@ export interface BuildOptions {
 }
 
 /** Thrown for a problem with the model being converted (names the tensor or setting). */
-export class ConvertError extends Error {
-  readonly code: "unsupported" | "bad_weights" | "bad_options" | "output_exists";
-  constructor(code: ConvertError["code"], message: string, options?: { cause?: unknown }) {
-    super(message, options);
-    this.name = "ConvertError";
-    this.code = code;
-  }
-}
+export class ConvertError extends CodedError<"unsupported" | "bad_weights" | "bad_options" | "output_exists"> {}
 
 /** Activation element type for a conversion dtype (quantized graphs compute in float32). */
 export function floatTypeOf(dtype: ConvertDtype): "float32" | "float16" {

@@ -9,6 +9,7 @@
  * - zero_points (asymmetric only): uint8 [N, ceil(kBlocks·bits/8)], packed like B.
  * K is padded with zeros up to a whole number of blocks (MatMulNBits ignores the padding).
  */
+import { NamedError } from "../../../shared/src/errors.ts";
 
 /** Quantization parameters. */
 export interface QuantConfig {
@@ -41,12 +42,7 @@ export interface QuantizedWeight {
 }
 
 /** Thrown for parameters MatMulNBits cannot represent. */
-export class QuantizeError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "QuantizeError";
-  }
-}
+export class QuantizeError extends NamedError {}
 
 /** Checks bits/blockSize; returns the number of K blocks. */
 export function checkQuantConfig(K: number, q: QuantConfig): number {

@@ -13,19 +13,13 @@
  */
 
 import { byteLevelChars } from "../../../shared/src/tokenizer/index.ts";
+import { CodedError } from "../../../shared/src/errors.ts";
 
 /** Stable codes of {@link DetokenizerError}. */
 export type DetokenizerErrorCode = "invalid_tokenizer";
 
 /** The tokenizer.json object is not a byte-level BPE tokenizer this module can read. */
-export class DetokenizerError extends Error {
-  readonly code: DetokenizerErrorCode;
-  constructor(code: DetokenizerErrorCode, message: string) {
-    super(message);
-    this.name = "DetokenizerError";
-    this.code = code;
-  }
-}
+export class DetokenizerError extends CodedError<DetokenizerErrorCode> {}
 
 /** Inverse of GPT-2's `bytes_to_unicode` (see {@link byteLevelChars}): char code → byte (−1 if not a byte char). */
 function unicodeToByteTable(): Int16Array {

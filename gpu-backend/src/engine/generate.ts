@@ -10,16 +10,10 @@ import { float16Bytes } from "../convert/common.ts";
 import type { LoadedModel } from "./model.ts";
 import { KvCache } from "./kv-cache.ts";
 import { getRopeIndex, type GridThw } from "./rope-index.ts";
+import { CodedError } from "../../../shared/src/errors.ts";
 
 /** A failure of one request inside the engine; `code` is a public API error code. */
-export class GenerationError extends Error {
-  readonly code: "invalid_request" | "context_length_exceeded" | "internal_error";
-  constructor(code: GenerationError["code"], message: string) {
-    super(message);
-    this.name = "GenerationError";
-    this.code = code;
-  }
-}
+export class GenerationError extends CodedError<"invalid_request" | "context_length_exceeded" | "internal_error"> {}
 
 /** Thrown (as an AbortError) when the request's signal fires; the request's tensors are dropped at once. */
 export class CancelledError extends Error {

@@ -12,6 +12,7 @@ import { parseQwen2VLConfig, type Qwen2VLConfig } from "../checkpoint/config.ts"
 import { modelFingerprint } from "../../../shared/src/fingerprint.ts";
 import { modelMetaFromFiles, type ModelMeta } from "../../../shared/src/model-meta.ts";
 import { type Embeddings, FileEmbeddings, SessionEmbeddings, locateEmbeddingTable } from "./embedding.ts";
+import { CodedError } from "../../../shared/src/errors.ts";
 
 export type ExecutionProvider = "cpu" | "cuda";
 
@@ -30,14 +31,7 @@ export interface EngineOptions {
 }
 
 /** Start-up failure of the engine; `code` is stable, the message says what to do. */
-export class EngineLoadError extends Error {
-  readonly code: "model_not_found" | "bad_model" | "provider_unavailable";
-  constructor(code: EngineLoadError["code"], message: string, options?: { cause?: unknown }) {
-    super(message, options);
-    this.name = "EngineLoadError";
-    this.code = code;
-  }
-}
+export class EngineLoadError extends CodedError<"model_not_found" | "bad_model" | "provider_unavailable"> {}
 
 export interface PreprocessorConfig {
   min_pixels: number;

@@ -9,6 +9,7 @@
  * block resumes at (largest position so far) + 1, so positions run "behind" token indices and
  * `ropeDeltas = max(position) + 1 − seqLen` (≤ 0) carries that shift into decoding.
  */
+import { CodedError } from "../../../shared/src/errors.ts";
 
 /** Stable codes of {@link RopeIndexError}. */
 export type RopeIndexErrorCode =
@@ -24,14 +25,7 @@ export type RopeIndexErrorCode =
   | "invalid_input";
 
 /** Inconsistent ids / grids / mask; the message never contains token ids of the prompt. */
-export class RopeIndexError extends Error {
-  readonly code: RopeIndexErrorCode;
-  constructor(code: RopeIndexErrorCode, message: string) {
-    super(message);
-    this.name = "RopeIndexError";
-    this.code = code;
-  }
-}
+export class RopeIndexError extends CodedError<RopeIndexErrorCode> {}
 
 /** `[t, h, w]` of one image or video in patches (before the spatial merge), as in `image_grid_thw`. */
 export type GridThw = readonly [number, number, number];

@@ -11,6 +11,7 @@
  * proportional to k; top-p without top-k uses a weighted quickselect (expected O(V), no full sort).
  * Scratch buffers live in the sampler and are reused across steps.
  */
+import { CodedError } from "../../../shared/src/errors.ts";
 
 /** Sampling parameters (names as in the OpenAI / transformers APIs). `null` means "not set". */
 export interface SamplingParams {
@@ -32,13 +33,10 @@ export interface SamplingParams {
 export type SamplingErrorCode = "invalid_parameter" | "invalid_logits";
 
 /** A bad sampling parameter (`param` names it) or logits that cannot be sampled (NaN, +∞, all −∞, empty). */
-export class SamplingError extends Error {
-  readonly code: SamplingErrorCode;
+export class SamplingError extends CodedError<SamplingErrorCode> {
   readonly param: string | undefined;
   constructor(code: SamplingErrorCode, message: string, param?: string) {
-    super(message);
-    this.name = "SamplingError";
-    this.code = code;
+    super(code, message);
     this.param = param;
   }
 }

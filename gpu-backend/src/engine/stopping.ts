@@ -17,6 +17,7 @@ export const QWEN2_VL_EOS_TOKEN_IDS: readonly number[] = Object.freeze([151645, 
 
 /** OpenAI-style finish reason (the public API's). */
 import type { FinishReason } from "../../../shared/src/api.ts";
+import { CodedError } from "../../../shared/src/errors.ts";
 export type { FinishReason };
 
 /**
@@ -33,23 +34,18 @@ export type StopCause =
 export type StopConfigErrorCode = "invalid_parameter" | "context_length_exceeded";
 
 /** Invalid stopping configuration; `param` names the offending field. */
-export class StopConfigError extends Error {
-  readonly code: StopConfigErrorCode;
+export class StopConfigError extends CodedError<StopConfigErrorCode> {
   readonly param: string | undefined;
   constructor(code: StopConfigErrorCode, message: string, param?: string) {
-    super(message);
-    this.name = "StopConfigError";
-    this.code = code;
+    super(code, message);
     this.param = param;
   }
 }
 
 /** Thrown when a finished {@link StoppingCriteria} is fed another token. */
-export class StoppingStateError extends Error {
-  readonly code = "already_finished" as const;
+export class StoppingStateError extends CodedError<"already_finished"> {
   constructor() {
-    super("generation already finished");
-    this.name = "StoppingStateError";
+    super("already_finished", "generation already finished");
   }
 }
 

@@ -23,7 +23,7 @@ import { readFile } from "node:fs/promises";
 import { existsSync, statSync } from "node:fs";
 import { isAbsolute, resolve } from "node:path";
 import type { ChatMessage } from "../../../shared/src/chat-template.ts";
-import { ApiError } from "../../../shared/src/errors.ts";
+import { ApiError, NamedError } from "../../../shared/src/errors.ts";
 import { MAX_OPTIONS, MIN_OPTIONS, OPTION_LETTERS, buildVqaMessages, formatProblem, renderQuestion } from "../../../shared/src/prompt.ts";
 
 /** One validated evaluation item. */
@@ -63,14 +63,13 @@ export interface Dataset {
 }
 
 /** A file that cannot be evaluated; `index` and `field` name the culprit when it is one item. */
-export class DatasetError extends Error {
+export class DatasetError extends NamedError {
   constructor(
     message: string,
     readonly index?: number,
     readonly field?: string,
   ) {
     super(message);
-    this.name = "DatasetError";
   }
 }
 

@@ -17,7 +17,7 @@ import { readFile } from "node:fs/promises";
 import { basename } from "node:path";
 import * as ort from "onnxruntime-node";
 import { renderChatTemplate } from "../../../shared/src/chat-template.ts";
-import { ApiError } from "../../../shared/src/errors.ts";
+import { ApiError, NamedError } from "../../../shared/src/errors.ts";
 import { sniffImage } from "../../../shared/src/image-header.ts";
 import { expandImagePads } from "../../../shared/src/image-tokens.ts";
 import { imageGrid } from "../../../shared/src/smart-resize.ts";
@@ -45,12 +45,7 @@ export const REFERENCE_MAX_NEW_TOKENS = 512;
 export const DEFAULT_BATCH = 4;
 
 /** A problem that stops the whole run (bad arguments, missing images, authentication, model load). */
-export class EvalError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "EvalError";
-  }
-}
+export class EvalError extends NamedError {}
 
 /** Where the model runs. */
 export type EvalTarget =

@@ -15,6 +15,7 @@ import {
   type ValueInfoSpec,
   tensorByteLength,
 } from "./model.ts";
+import { NamedError } from "../../../shared/src/errors.ts";
 
 /** A tensor in the graph, by name. */
 export type Value = string;
@@ -30,12 +31,7 @@ export interface NodeOptions {
 }
 
 /** Thrown when the graph being built is inconsistent (unknown input, duplicate name, ...). */
-export class GraphBuildError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "GraphBuildError";
-  }
-}
+export class GraphBuildError extends NamedError {}
 
 function typedBytes(type: ElemType, values: ArrayLike<number | bigint>): Uint8Array {
   switch (type) {

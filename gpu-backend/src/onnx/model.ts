@@ -5,6 +5,7 @@
  * data), ValueInfoProto / TypeProto.Tensor / TensorShapeProto, StringStringEntryProto.
  */
 import { type DeferredBytes, ProtoMessage } from "./protobuf.ts";
+import { NamedError } from "../../../shared/src/errors.ts";
 
 /** Element types used by the converter, by their ONNX TensorProto.DataType code. */
 export const ELEM_TYPES = {
@@ -94,12 +95,7 @@ export interface ExternalRef {
 }
 
 /** Thrown for a spec that cannot be encoded (bad attribute, data length not matching dims, ...). */
-export class OnnxSpecError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "OnnxSpecError";
-  }
-}
+export class OnnxSpecError extends NamedError {}
 
 /** Bytes a tensor of this type and shape occupies. */
 export function tensorByteLength(type: ElemType, dims: readonly number[]): number {

@@ -6,6 +6,7 @@
  * is built, and the bytes are produced when the message is written out. That lets a multi-GB model be
  * serialized with one tensor in memory at a time.
  */
+import { NamedError } from "../../../shared/src/errors.ts";
 
 /**
  * Bytes whose length is known now and whose content is produced when written: all at once (`read`) or,
@@ -31,12 +32,7 @@ const WIRE_FIXED32 = 5;
 const TWO_POW_64 = 1n << 64n;
 
 /** Thrown when a value cannot be encoded (out of range, non-integer, wrong deferred length). */
-export class ProtobufEncodeError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "ProtobufEncodeError";
-  }
-}
+export class ProtobufEncodeError extends NamedError {}
 
 /**
  * A message under construction. Fields are appended in call order; nested messages are embedded by

@@ -50,7 +50,6 @@ export class ImageDecodeError extends ApiError {
   readonly imageIndex: number | undefined;
   constructor(code: ImageErrorCode, message: string, imageIndex?: number) {
     super(code, imageIndex === undefined ? message : `image ${imageIndex}: ${message}`);
-    this.name = "ImageDecodeError";
     this.imageIndex = imageIndex;
   }
 }

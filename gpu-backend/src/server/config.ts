@@ -8,6 +8,7 @@ import { join } from "node:path";
 import { modelFingerprint } from "../../../shared/src/fingerprint.ts";
 import { modelMetaFromFiles, type ModelMeta } from "../../../shared/src/model-meta.ts";
 import { parseDevVars } from "../../../scripts/dev-secrets.ts";
+import { NamedError } from "../../../shared/src/errors.ts";
 
 /** Typed backend configuration (also handed to the engine factory, so it stays structured-cloneable). */
 export interface BackendConfig {
@@ -34,8 +35,7 @@ export interface BackendConfig {
 }
 
 /** Start-up configuration failure; `problems` lists every invalid or missing variable. */
-export class BackendConfigError extends Error {
-  override name = "BackendConfigError";
+export class BackendConfigError extends NamedError {
   constructor(readonly problems: string[]) {
     super(`invalid backend configuration:\n${problems.map((p) => `  - ${p}`).join("\n")}`);
   }

@@ -12,11 +12,10 @@ import { Worker } from "node:worker_threads";
 import type { ModelMeta } from "../../../shared/src/model-meta.ts";
 import type { Engine, EngineEvent, EngineRequest, EngineStats } from "../engine/engine-types.ts";
 import type { EngineWorkerData, FromWorker, ToWorker } from "./worker-protocol.ts";
+import { NamedError } from "../../../shared/src/errors.ts";
 
 /** The engine could not be built in its worker (bad model folder, missing module, provider…). */
-export class EngineStartError extends Error {
-  override name = "EngineStartError";
-}
+export class EngineStartError extends NamedError {}
 
 export interface WorkerEngineOptions {
   /** The module exporting the factory (e.g. `new URL("../engine/index.ts", import.meta.url)`). */

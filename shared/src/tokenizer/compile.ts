@@ -8,18 +8,12 @@
  * Anything this encoder would get wrong (other models, normalizers, pre-tokenizers, BPE options) is refused
  * here with a {@link TokenizerError}, never approximated.
  */
+import { CodedError } from "../errors.ts";
 
 /** Stable codes of {@link TokenizerError}. */
 export type TokenizerErrorCode = "invalid_tokenizer" | "unsupported_tokenizer" | "invalid_tokenizer_tables";
 
-export class TokenizerError extends Error {
-  readonly code: TokenizerErrorCode;
-  constructor(code: TokenizerErrorCode, message: string) {
-    super(message);
-    this.name = "TokenizerError";
-    this.code = code;
-  }
-}
+export class TokenizerError extends CodedError<TokenizerErrorCode> {}
 
 /** An entry of `added_tokens`: matched in the raw text before normalization and pre-tokenization. */
 export interface AddedToken {

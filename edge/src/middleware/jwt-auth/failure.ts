@@ -4,20 +4,13 @@
  * token, its claims or anything else the client sent.
  */
 import { HTTPException } from "hono/http-exception";
-import { ApiError } from "../../../../shared/src/errors.ts";
+import { ApiError, CodedError } from "../../../../shared/src/errors.ts";
 
 /** Codes this middleware reports (a subset of `ErrorCode` in shared/src/errors.ts). */
 export type JwtAuthErrorCode = "missing_token" | "invalid_token" | "token_expired" | "insufficient_scope" | "internal_error";
 
 /** An authentication failure, before it is turned into a response by {@link toHttpException}. */
-export class JwtAuthError extends Error {
-  readonly code: JwtAuthErrorCode;
-  constructor(code: JwtAuthErrorCode, description: string, options?: { cause?: unknown }) {
-    super(description, options);
-    this.name = "JwtAuthError";
-    this.code = code;
-  }
-}
+export class JwtAuthError extends CodedError<JwtAuthErrorCode> {}
 
 /** Generic message of a 500: a misconfiguration or an unreachable key source is not the client's business. */
 export const INTERNAL_MESSAGE = "internal error";

@@ -4,16 +4,16 @@
  */
 import { createLocalJWKSet, createRemoteJWKSet, customFetch, errors, type JWTVerifyGetKey, type RemoteJWKSet } from "jose";
 import type { JwksFetch, ResolvedJwtAuthConfig } from "./options.ts";
+import { NamedError } from "../../../../shared/src/errors.ts";
 
 /**
  * The key material could not be obtained (JWKS unreachable, non-200, malformed, or a configured key
  * that does not import). Not the client's fault: reported as 500, never as `invalid_token`, so that
  * clients do not discard good tokens during an issuer outage.
  */
-export class KeySourceError extends Error {
+export class KeySourceError extends NamedError {
   constructor(cause: unknown) {
     super("key source unavailable", { cause });
-    this.name = "KeySourceError";
   }
 }
 
