@@ -19,10 +19,10 @@ import {
   specTensor,
   specTensorChunks,
   writeSafetensors,
-  type CheckpointErrorCode,
   type DType,
 } from "../../gpu-backend/src/checkpoint/index.ts";
 import { GOLDEN_DIR, PROJECT_ROOT } from "../support/golden.ts";
+import { rejectionOf } from "../support/errors.ts";
 
 interface ManifestEntry {
   name: string;
@@ -49,15 +49,6 @@ afterAll(() => {
   rmSync(tmp, { recursive: true, force: true });
 });
 
-async function codeOf(p: Promise<unknown>): Promise<{ code: CheckpointErrorCode; message: string }> {
-  try {
-    await p;
-  } catch (e) {
-    expect(e).toBeInstanceOf(CheckpointError);
-    return { code: (e as CheckpointError).code, message: (e as Error).message };
-  }
-  throw new Error("expected a CheckpointError");
-}
 
 describe("weights spec (WEIGHTS.md)", () => {
   it("fnv1a seeds and mulberry32 draws match the test vectors", () => {
@@ -252,7 +243,7 @@ describe("makeTestModel: companions, atomicity, errors", () => {
     const out = join(tmp, "exists");
     mkdirSync(out);
     writeFileSync(join(out, "keep.txt"), "x");
-    const r = await codeOf(makeTestModel({ configPath: smallConfig, outDir: out }));
+    const r = await rejectionOf(makeTestModel({ configPath: smallConfig, outDir: out }), CheckpointError);
     expect(r.code).toBe("output_exists");
     expect(readdirSync(out)).toEqual(["keep.txt"]);
     await makeTestModel({ configPath: smallConfig, outDir: out, overwrite: true });
@@ -265,11 +256,11 @@ describe("makeTestModel: companions, atomicity, errors", () => {
     const bad = join(tmp, "bad-config.json");
     writeFileSync(bad, JSON.stringify({ ...JSON.parse(readFileSync(CONFIG_A, "utf8")), vision_config: undefined }));
     const out = join(tmp, "bad-out");
-    const r = await codeOf(makeTestModel({ configPath: bad, outDir: out }));
+    const r = await rejectionOf(makeTestModel({ configPath: bad, outDir: out }), CheckpointError);
     expect(r.code).toBe("bad_config");
     expect(r.message).toContain(bad);
     expect(existsSync(out)).toBe(false);
-    expect((await codeOf(makeTestModel({ configPath: join(tmp, "none.json"), outDir: out }))).code).toBe("not_found");
+    expect((await rejectionOf(makeTestModel({ configPath: join(tmp, "none.json"), outDir: out }), CheckpointError)).code).toBe("not_found");
   });
 
   it("the CLI prints one summary line when not on a TTY, and typed errors with exit code 1", async () => {
@@ -297,8 +288,8 @@ describe("resolveModelDir / loadQwen2VLCheckpoint", () => {
   it("a local folder resolves to itself; without config.json → not_found; a non-id path → not_found", async () => {
     expect(await resolveModelDir(TINY_A)).toBe(TINY_A);
     const empty = mkdtempSync(join(tmp, "empty-"));
-    expect((await codeOf(resolveModelDir(empty))).code).toBe("not_found");
-    expect((await codeOf(resolveModelDir(join(tmp, "no", "such", "dir")))).code).toBe("not_found");
+    expect((await rejectionOf(resolveModelDir(empty), CheckpointError)).code).toBe("not_found");
+    expect((await rejectionOf(resolveModelDir(join(tmp, "no", "such", "dir")), CheckpointError)).code).toBe("not_found");
   });
 
   it("a Hub id with no network → no_network telling how to pass a local folder", async () => {
@@ -307,7 +298,7 @@ describe("resolveModelDir / loadQwen2VLCheckpoint", () => {
       calls.push(String(url));
       throw new TypeError("fetch failed");
     }) as typeof fetch;
-    const r = await codeOf(resolveModelDir(ID, { cacheDir: join(tmp, "hub-empty"), fetch: failing }));
+    const r = await rejectionOf(resolveModelDir(ID, { cacheDir: join(tmp, "hub-empty"), fetch: failing }), CheckpointError);
     expect(r.code).toBe("no_network");
     expect(r.message).toContain(`huggingface-cli download ${ID} --local-dir <dir>`);
     expect(r.message).toContain("--model <dir>");
@@ -391,7 +382,7 @@ describe("resolveModelDir / loadQwen2VLCheckpoint", () => {
     expect((local as { code?: string }).code).not.toBe("no_network");
 
     const notThere = (async () => new Response(JSON.stringify({ error: "Repository not found" }), { status: 404 })) as typeof fetch;
-    expect((await codeOf(resolveModelDir("nobody/nothing", { cacheDir: cache, fetch: notThere }))).code).toBe("not_found");
+    expect((await rejectionOf(resolveModelDir("nobody/nothing", { cacheDir: cache, fetch: notThere }), CheckpointError)).code).toBe("not_found");
   });
 
   it("loadQwen2VLCheckpoint: missing tensor and wrong shape are typed errors", async () => {
@@ -409,7 +400,7 @@ describe("resolveModelDir / loadQwen2VLCheckpoint", () => {
     }
     await w.close();
     await writeSafetensors(join(broken, "model.safetensors"), tensors);
-    const r = await codeOf(loadQwen2VLCheckpoint(broken));
+    const r = await rejectionOf(loadQwen2VLCheckpoint(broken), CheckpointError);
     expect(r.code).toBe("missing_tensor");
     expect(r.message).toContain("model.layers.1.mlp.up_proj.weight");
 
@@ -417,7 +408,7 @@ describe("resolveModelDir / loadQwen2VLCheckpoint", () => {
     if (norm) norm.shape = [8, 8];
     tensors.push({ name: "model.layers.1.mlp.up_proj.weight", dtype: "F32", shape: [128, 64], data: new Float32Array(128 * 64) });
     await writeSafetensors(join(broken, "model.safetensors"), tensors);
-    const r2 = await codeOf(loadQwen2VLCheckpoint(broken));
+    const r2 = await rejectionOf(loadQwen2VLCheckpoint(broken), CheckpointError);
     expect(r2.code).toBe("shape_mismatch");
     expect(r2.message).toContain("model.norm.weight");
   });

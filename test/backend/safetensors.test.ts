@@ -13,9 +13,9 @@ import {
   f32ToBf16,
   readSafetensorsHeader,
   writeSafetensors,
-  type CheckpointErrorCode,
 } from "../../gpu-backend/src/checkpoint/index.ts";
 import { GOLDEN_DIR } from "../support/golden.ts";
+import { rejectionOf } from "../support/errors.ts";
 
 interface ManifestEntry {
   name: string;
@@ -50,15 +50,6 @@ function forge(header: unknown, data: Uint8Array, opts: { headerLength?: bigint;
   return path;
 }
 
-async function codeOf(p: Promise<unknown>): Promise<{ code: CheckpointErrorCode; message: string }> {
-  try {
-    await p;
-  } catch (e) {
-    expect(e).toBeInstanceOf(CheckpointError);
-    return { code: (e as CheckpointError).code, message: (e as CheckpointError).message };
-  }
-  throw new Error("expected a CheckpointError");
-}
 
 const sha256 = (b: Uint8Array): string => createHash("sha256").update(b).digest("hex");
 
@@ -192,10 +183,10 @@ describe("writeSafetensors", () => {
   });
 
   it("rejects data whose length or type does not match dtype × shape", async () => {
-    const r = await codeOf(writeSafetensors(join(tmp, "bad.safetensors"), [{ name: "t", dtype: "F32", shape: [3], data: new Float32Array(2) }]));
+    const r = await rejectionOf(writeSafetensors(join(tmp, "bad.safetensors"), [{ name: "t", dtype: "F32", shape: [3], data: new Float32Array(2) }]), CheckpointError);
     expect(r.code).toBe("dtype_mismatch");
     expect(r.message).toContain("tensor t");
-    const r2 = await codeOf(writeSafetensors(join(tmp, "bad.safetensors"), [{ name: "u", dtype: "BF16", shape: [2], data: new Float32Array(2) }]));
+    const r2 = await rejectionOf(writeSafetensors(join(tmp, "bad.safetensors"), [{ name: "u", dtype: "BF16", shape: [2], data: new Float32Array(2) }]), CheckpointError);
     expect(r2.code).toBe("dtype_mismatch");
   });
 });
@@ -212,59 +203,59 @@ describe("corrupt files give typed errors naming file and tensor", () => {
 
   it("truncated: data cut short, header cut short, shorter than 8 bytes", async () => {
     const p = forge(good, data12.subarray(0, 10));
-    const r = await codeOf(CheckpointWeights.open(p));
+    const r = await rejectionOf(CheckpointWeights.open(p), CheckpointError);
     expect(r.code).toBe("truncated");
     expect(r.message).toContain(p);
     expect(r.message).toContain("tensor b");
-    expect((await codeOf(CheckpointWeights.open(forge(good, data12, { cutTo: 30 })))).code).toBe("truncated");
-    expect((await codeOf(CheckpointWeights.open(forge(good, data12, { cutTo: 5 })))).code).toBe("truncated");
+    expect((await rejectionOf(CheckpointWeights.open(forge(good, data12, { cutTo: 30 })), CheckpointError)).code).toBe("truncated");
+    expect((await rejectionOf(CheckpointWeights.open(forge(good, data12, { cutTo: 5 })), CheckpointError)).code).toBe("truncated");
     // The real tiny-a file cut in the middle of its data.
     const cut = join(tmp, "cut.safetensors");
     writeFileSync(cut, readFileSync(join(TINY_A, "model.safetensors")).subarray(0, 1_000_000));
-    expect((await codeOf(CheckpointWeights.open(cut))).code).toBe("truncated");
+    expect((await rejectionOf(CheckpointWeights.open(cut), CheckpointError)).code).toBe("truncated");
   });
 
   it("header lying about offsets: past the data section, or end before begin", async () => {
     const lying = { a: { dtype: "F32", shape: [2], data_offsets: [0, 8] }, b: { dtype: "F32", shape: [1], data_offsets: [100, 104] } };
-    const r = await codeOf(CheckpointWeights.open(forge(lying, data12)));
+    const r = await rejectionOf(CheckpointWeights.open(forge(lying, data12)), CheckpointError);
     expect(r.code).toBe("bad_offsets");
     expect(r.message).toContain("tensor b");
     const backwards = { a: { dtype: "F32", shape: [0], data_offsets: [8, 4] } };
-    expect((await codeOf(CheckpointWeights.open(forge(backwards, data12)))).code).toBe("bad_offsets");
+    expect((await rejectionOf(CheckpointWeights.open(forge(backwards, data12)), CheckpointError)).code).toBe("bad_offsets");
     const notInts = { a: { dtype: "F32", shape: [1], data_offsets: [0, "4"] } };
-    expect((await codeOf(CheckpointWeights.open(forge(notInts, data12)))).code).toBe("bad_offsets");
+    expect((await rejectionOf(CheckpointWeights.open(forge(notInts, data12)), CheckpointError)).code).toBe("bad_offsets");
   });
 
   it("overlapping ranges", async () => {
     const overlap = { a: { dtype: "F32", shape: [2], data_offsets: [0, 8] }, b: { dtype: "F32", shape: [1], data_offsets: [4, 8] } };
-    const r = await codeOf(CheckpointWeights.open(forge(overlap, data12)));
+    const r = await rejectionOf(CheckpointWeights.open(forge(overlap, data12)), CheckpointError);
     expect(r.code).toBe("bad_offsets");
     expect(r.message).toMatch(/tensors a .* and b .* overlap/);
   });
 
   it("length / dtype mismatch", async () => {
     const mism = { a: { dtype: "BF16", shape: [2], data_offsets: [0, 8] } };
-    const r = await codeOf(CheckpointWeights.open(forge(mism, data12)));
+    const r = await rejectionOf(CheckpointWeights.open(forge(mism, data12)), CheckpointError);
     expect(r.code).toBe("dtype_mismatch");
     expect(r.message).toContain("tensor a");
     expect(r.message).toContain("BF16");
   });
 
   it("unknown and unsupported dtypes name the dtype and the tensor", async () => {
-    const r = await codeOf(CheckpointWeights.open(forge({ w: { dtype: "Q4_K", shape: [1], data_offsets: [0, 4] } }, data12)));
+    const r = await rejectionOf(CheckpointWeights.open(forge({ w: { dtype: "Q4_K", shape: [1], data_offsets: [0, 4] } }, data12)), CheckpointError);
     expect(r.code).toBe("unsupported_dtype");
     expect(r.message).toContain("Q4_K");
     expect(r.message).toContain("tensor w");
-    const r2 = await codeOf(CheckpointWeights.open(forge({ ids: { dtype: "I64", shape: [1], data_offsets: [0, 8] } }, data12)));
+    const r2 = await rejectionOf(CheckpointWeights.open(forge({ ids: { dtype: "I64", shape: [1], data_offsets: [0, 8] } }, data12)), CheckpointError);
     expect(r2.code).toBe("unsupported_dtype");
     expect(r2.message).toContain("I64");
   });
 
   it("bad header: invalid JSON, not an object, absurd length, bad shape", async () => {
-    expect((await codeOf(CheckpointWeights.open(forge(null, data12, { rawHeader: '{"a": ' })))).code).toBe("bad_header");
-    expect((await codeOf(CheckpointWeights.open(forge([1, 2], data12)))).code).toBe("bad_header");
-    expect((await codeOf(CheckpointWeights.open(forge(good, data12, { headerLength: 1n << 60n })))).code).toBe("bad_header");
-    expect((await codeOf(CheckpointWeights.open(forge({ a: { dtype: "F32", shape: [-1], data_offsets: [0, 4] } }, data12)))).code).toBe(
+    expect((await rejectionOf(CheckpointWeights.open(forge(null, data12, { rawHeader: '{"a": ' })), CheckpointError)).code).toBe("bad_header");
+    expect((await rejectionOf(CheckpointWeights.open(forge([1, 2], data12)), CheckpointError)).code).toBe("bad_header");
+    expect((await rejectionOf(CheckpointWeights.open(forge(good, data12, { headerLength: 1n << 60n })), CheckpointError)).code).toBe("bad_header");
+    expect((await rejectionOf(CheckpointWeights.open(forge({ a: { dtype: "F32", shape: [-1], data_offsets: [0, 4] } }, data12)), CheckpointError)).code).toBe(
       "bad_header",
     );
   });
@@ -273,15 +264,15 @@ describe("corrupt files give typed errors naming file and tensor", () => {
     const w = await CheckpointWeights.open(TINY_A);
     try {
       expect(w.has("lm_head.weight")).toBe(false);
-      const r = await codeOf(w.readF32("lm_head.weight"));
+      const r = await rejectionOf(w.readF32("lm_head.weight"), CheckpointError);
       expect(r.code).toBe("missing_tensor");
       expect(r.message).toContain("lm_head.weight");
       expect(() => w.info("model.layers.9.mlp.up_proj.weight")).toThrowError(/model\.layers\.9\.mlp\.up_proj\.weight/);
     } finally {
       await w.close();
     }
-    expect((await codeOf(CheckpointWeights.open(join(tmp, "nope")))).code).toBe("not_found");
-    expect((await codeOf(CheckpointWeights.open(tmp))).code).toBe("not_found"); // folder without weights
+    expect((await rejectionOf(CheckpointWeights.open(join(tmp, "nope")), CheckpointError)).code).toBe("not_found");
+    expect((await rejectionOf(CheckpointWeights.open(tmp), CheckpointError)).code).toBe("not_found"); // folder without weights
   });
 });
 
@@ -317,7 +308,7 @@ describe("naming schemes", () => {
       { name: "model.norm.weight", dtype: "F32", shape: [1], data: new Float32Array([1]) },
       { name: "model.language_model.norm.weight", dtype: "F32", shape: [1], data: new Float32Array([2]) },
     ]);
-    const r = await codeOf(CheckpointWeights.open(path));
+    const r = await rejectionOf(CheckpointWeights.open(path), CheckpointError);
     expect(r.code).toBe("bad_header");
     expect(r.message).toContain("model.norm.weight");
   });
@@ -353,12 +344,12 @@ describe("sharded checkpoints", () => {
       join(dir, "model.safetensors.index.json"),
       JSON.stringify({ weight_map: { ...index.weight_map, "model.language_model.norm.weight": "model-00002-of-00002.safetensors" } }),
     );
-    const r = await codeOf(CheckpointWeights.open(dir));
+    const r = await rejectionOf(CheckpointWeights.open(dir), CheckpointError);
     expect(r.code).toBe("missing_tensor");
     expect(r.message).toContain("model.language_model.norm.weight");
     expect(r.message).toContain("model-00002-of-00002.safetensors");
     writeFileSync(join(dir, "model.safetensors.index.json"), JSON.stringify({ weight_map: { x: "model-00009-of-00009.safetensors" } }));
-    expect((await codeOf(CheckpointWeights.open(dir))).code).toBe("not_found");
+    expect((await rejectionOf(CheckpointWeights.open(dir), CheckpointError)).code).toBe("not_found");
   });
 });
 

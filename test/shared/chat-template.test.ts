@@ -9,20 +9,12 @@ import {
   VIDEO_PLACEHOLDER,
   type ChatMessage,
 } from "../../shared/src/chat-template.ts";
-import { ApiError } from "../../shared/src/errors.ts";
 import { loadGoldenCases } from "../support/golden.ts";
+import { codeOf } from "../support/errors.ts";
 
 const cases = loadGoldenCases();
 const SYS = `<|im_start|>system\n${DEFAULT_SYSTEM_MESSAGE}<|im_end|>\n`;
 
-function codeOf(f: () => unknown): string | undefined {
-  try {
-    f();
-  } catch (e) {
-    return e instanceof ApiError ? e.code : `not an ApiError: ${String(e)}`;
-  }
-  return undefined;
-}
 
 describe("golden cases", () => {
   it.each(cases.map((c) => [c.case, c] as const))("%s renders to prompt_text exactly", (_name, c) => {

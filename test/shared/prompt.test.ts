@@ -2,7 +2,6 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { renderChatTemplate, type ChatMessage } from "../../shared/src/chat-template.ts";
-import { ApiError } from "../../shared/src/errors.ts";
 import {
   buildVqaMessages,
   formatProblem,
@@ -13,20 +12,13 @@ import {
   renderQuestion,
 } from "../../shared/src/prompt.ts";
 import { GOLDEN_DIR, loadGoldenCases, type GoldenCase } from "../support/golden.ts";
+import { codeOf } from "../support/errors.ts";
 
 const runInfo = JSON.parse(readFileSync(join(GOLDEN_DIR, "cases-a", "run_info.json"), "utf8")) as {
   environment: { question_template_repo: string; question_template_brief: string };
 };
 const cases = loadGoldenCases();
 
-function codeOf(f: () => unknown): string | undefined {
-  try {
-    f();
-  } catch (e) {
-    return e instanceof ApiError ? e.code : `not an ApiError: ${String(e)}`;
-  }
-  return undefined;
-}
 
 /** The golden user text of a case (string content, or its single text item). */
 function goldenText(c: GoldenCase): string {

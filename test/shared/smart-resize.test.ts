@@ -12,6 +12,7 @@ import {
   smartResize,
 } from "../../shared/src/smart-resize.ts";
 import { GOLDEN_DIR, loadGoldenCases } from "../support/golden.ts";
+import { codeOf } from "../support/errors.ts";
 
 const pre = JSON.parse(readFileSync(join(GOLDEN_DIR, "tiny-a", "preprocessor_config.json"), "utf8")) as {
   min_pixels: number;
@@ -22,14 +23,6 @@ const pre = JSON.parse(readFileSync(join(GOLDEN_DIR, "tiny-a", "preprocessor_con
 };
 const images = loadGoldenCases().flatMap((c) => c.images.map((img) => ({ case: c.case, ...img })));
 
-function codeOf(f: () => unknown): string | undefined {
-  try {
-    f();
-  } catch (e) {
-    return e instanceof ApiError ? e.code : `not an ApiError: ${String(e)}`;
-  }
-  return undefined;
-}
 
 describe("golden images", () => {
   it("there are six images over the six cases (one text-only, one with two images)", () => {

@@ -10,6 +10,7 @@ import fc from "fast-check";
 import { beforeAll, describe, expect, it } from "vitest";
 import { BpeTokenizer, compileBpe, deserializeBpe, serializeBpe, translatePattern, TokenizerError, type CompiledBpe } from "../../shared/src/tokenizer/index.ts";
 import { GOLDEN_DIR, loadGoldenCases } from "../support/golden.ts";
+import { codeOf } from "../support/errors.ts";
 
 const tokenizerJson = (): Record<string, unknown> => JSON.parse(readFileSync(join(GOLDEN_DIR, "tiny-a", "tokenizer.json"), "utf8"));
 
@@ -25,15 +26,6 @@ beforeAll(() => {
 
 const oracleIds = (text: string, tok = oracle) => tok.encode(text, { add_special_tokens: false }).ids;
 
-function codeOf(f: () => unknown): string | undefined {
-  try {
-    f();
-  } catch (e) {
-    expect(e).toBeInstanceOf(TokenizerError);
-    return (e as TokenizerError).code;
-  }
-  return undefined;
-}
 
 describe("BpeTokenizer", () => {
   it("encodes every golden tokenizer string to the reference ids", () => {
@@ -120,16 +112,16 @@ describe("compileBpe", () => {
       return compileBpe(j);
     };
     const model = (j: Record<string, unknown>) => j["model"] as Record<string, unknown>;
-    expect(codeOf(variant((j) => (model(j)["type"] = "WordPiece")))).toBe("unsupported_tokenizer");
-    expect(codeOf(variant((j) => (model(j)["byte_fallback"] = true)))).toBe("unsupported_tokenizer");
-    expect(codeOf(variant((j) => (model(j)["ignore_merges"] = true)))).toBe("unsupported_tokenizer");
-    expect(codeOf(variant((j) => (model(j)["dropout"] = 0.1)))).toBe("unsupported_tokenizer");
-    expect(codeOf(variant((j) => (j["normalizer"] = { type: "NFKC" })))).toBe("unsupported_tokenizer");
-    expect(codeOf(variant((j) => (j["pre_tokenizer"] = { type: "Whitespace" })))).toBe("unsupported_tokenizer");
-    expect(codeOf(variant((j) => ((j["added_tokens"] as { single_word: boolean }[])[0]!.single_word = true)))).toBe("unsupported_tokenizer");
-    expect(codeOf(variant((j) => (model(j)["merges"] = [["Ġ", "not-a-token"]])))).toBe("invalid_tokenizer");
-    expect(codeOf(variant((j) => delete (model(j)["vocab"] as Record<string, number>)["Ġ"]))).toBe("invalid_tokenizer");
-    expect(codeOf(() => compileBpe("{}"))).toBe("invalid_tokenizer");
+    expect(codeOf(variant((j) => (model(j)["type"] = "WordPiece")), TokenizerError)).toBe("unsupported_tokenizer");
+    expect(codeOf(variant((j) => (model(j)["byte_fallback"] = true)), TokenizerError)).toBe("unsupported_tokenizer");
+    expect(codeOf(variant((j) => (model(j)["ignore_merges"] = true)), TokenizerError)).toBe("unsupported_tokenizer");
+    expect(codeOf(variant((j) => (model(j)["dropout"] = 0.1)), TokenizerError)).toBe("unsupported_tokenizer");
+    expect(codeOf(variant((j) => (j["normalizer"] = { type: "NFKC" })), TokenizerError)).toBe("unsupported_tokenizer");
+    expect(codeOf(variant((j) => (j["pre_tokenizer"] = { type: "Whitespace" })), TokenizerError)).toBe("unsupported_tokenizer");
+    expect(codeOf(variant((j) => ((j["added_tokens"] as { single_word: boolean }[])[0]!.single_word = true)), TokenizerError)).toBe("unsupported_tokenizer");
+    expect(codeOf(variant((j) => (model(j)["merges"] = [["Ġ", "not-a-token"]])), TokenizerError)).toBe("invalid_tokenizer");
+    expect(codeOf(variant((j) => delete (model(j)["vocab"] as Record<string, number>)["Ġ"]), TokenizerError)).toBe("invalid_tokenizer");
+    expect(codeOf(() => compileBpe("{}"), TokenizerError)).toBe("invalid_tokenizer");
   });
 
   it("accepts a plain ByteLevel pre-tokenizer with GPT-2's pattern and matches the oracle", () => {
@@ -150,10 +142,10 @@ describe("translatePattern", () => {
   });
 
   it("refuses constructs whose meaning differs between the dialects", () => {
-    expect(codeOf(() => translatePattern("\\w+"))).toBe("unsupported_tokenizer");
-    expect(codeOf(() => translatePattern("[^\\S]"))).toBe("unsupported_tokenizer");
-    expect(codeOf(() => translatePattern("(?i:[a-z])"))).toBe("unsupported_tokenizer");
-    expect(codeOf(() => translatePattern("(?x) a"))).toBe("unsupported_tokenizer");
+    expect(codeOf(() => translatePattern("\\w+"), TokenizerError)).toBe("unsupported_tokenizer");
+    expect(codeOf(() => translatePattern("[^\\S]"), TokenizerError)).toBe("unsupported_tokenizer");
+    expect(codeOf(() => translatePattern("(?i:[a-z])"), TokenizerError)).toBe("unsupported_tokenizer");
+    expect(codeOf(() => translatePattern("(?x) a"), TokenizerError)).toBe("unsupported_tokenizer");
   });
 });
 
@@ -167,10 +159,10 @@ describe("tokenizer tables (binary)", () => {
 
   it("rejects a blob that is not, or no longer, the tables", () => {
     const blob = serializeBpe(compiled);
-    expect(codeOf(() => deserializeBpe(new TextEncoder().encode("{\"model\":{}}")))).toBe("invalid_tokenizer_tables");
-    expect(codeOf(() => deserializeBpe(blob.subarray(0, blob.length - 4)))).toBe("invalid_tokenizer_tables");
+    expect(codeOf(() => deserializeBpe(new TextEncoder().encode("{\"model\":{}}")), TokenizerError)).toBe("invalid_tokenizer_tables");
+    expect(codeOf(() => deserializeBpe(blob.subarray(0, blob.length - 4)), TokenizerError)).toBe("invalid_tokenizer_tables");
     const corrupt = blob.slice();
     corrupt[12] = 0x7b + 1;
-    expect(codeOf(() => deserializeBpe(corrupt))).toBe("invalid_tokenizer_tables");
+    expect(codeOf(() => deserializeBpe(corrupt), TokenizerError)).toBe("invalid_tokenizer_tables");
   });
 });
