@@ -11,14 +11,14 @@
  * Loopback only; the rate limits are raised by --var so that the limiter admits every request (its
  * Durable Object call still runs).
  */
-import { execFileSync, spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, openSync, readFileSync, readdirSync, rmSync } from "node:fs";
+import { execFileSync, type ChildProcess } from "node:child_process";
+import { mkdtempSync, readFileSync, readdirSync, rmSync } from "node:fs";
 import { createServer as createHttpServer, type Server } from "node:http";
 import { createServer as createNetServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { devTokenForRepo } from "../../scripts/dev-secrets.ts";
-import { ensureServedModel } from "../../scripts/lib/stack.ts";
+import { ensureServedModel, startEdge } from "../../scripts/lib/stack.ts";
 import { GENERATE_PATH, LOAD_HEADER, WIRE_EVENTS_CONTENT_TYPE, decodeWireRequest, encodeEvent } from "../../shared/src/wire.ts";
 import type { TokenizerHeapResult } from "../children/tokenizer-heap.ts";
 import { type BenchOptions, GOLDEN_DIR, ROOT, fmt, fmtBytes, log, machineInfo, machineLine, percentile, runChild, spread, table, writeResult } from "../lib/common.ts";
@@ -97,50 +97,16 @@ function startWrangler(p: { modelDir: string; backendUrl: string; persistDir: st
   return (async () => {
     const port = await freePort();
     const inspector = await freePort();
-    const vars = { BACKEND_URLS: p.backendUrl, RATE_LIMIT_RPM: "100000000", RATE_LIMIT_BURST: "100000000", RATE_LIMIT_MAX_CONCURRENT: "100000" };
-    const out = openSync(p.logFile, "a");
-    const child = spawn(
-      process.execPath,
-      [
-        WRANGLER,
-        "dev",
-        "--port",
-        String(port),
-        "--ip",
-        "127.0.0.1",
-        "--inspector-port",
-        String(inspector),
-        "--persist-to",
-        p.persistDir,
-        "--show-interactive-dev-session=false",
-        ...Object.entries(vars).flatMap(([k, v]) => ["--var", `${k}:${v}`]),
-      ],
-      {
-        cwd: ROOT,
-        detached: true,
-        stdio: ["ignore", out, out],
-        env: { ...process.env, WRANGLER_SEND_METRICS: "false", CLOUDFLARE_CF_FETCH_ENABLED: "false", MODEL_DIR: p.modelDir },
-      },
-    );
-    const stop = () =>
-      new Promise<void>((done) => {
-        if (child.exitCode !== null || child.signalCode !== null) return done();
-        const kill = (sig: NodeJS.Signals) => {
-          try {
-            process.kill(-child.pid!, sig);
-          } catch {
-            // gone
-          }
-        };
-        const timer = setTimeout(() => kill("SIGKILL"), 10_000);
-        child.once("exit", () => {
-          clearTimeout(timer);
-          kill("SIGKILL"); // workerd and anything else left in the group
-          done();
-        });
-        kill("SIGTERM");
-      });
-    return { url: `http://127.0.0.1:${port}`, child, stop };
+    const vars = { RATE_LIMIT_RPM: "100000000", RATE_LIMIT_BURST: "100000000", RATE_LIMIT_MAX_CONCURRENT: "100000" };
+    const proc = startEdge({
+      modelDir: p.modelDir,
+      port,
+      backendUrls: [p.backendUrl],
+      logFile: p.logFile,
+      vars,
+      args: ["--inspector-port", String(inspector), "--persist-to", p.persistDir],
+    });
+    return { url: `http://127.0.0.1:${port}`, child: proc.child, stop: () => proc.stop() };
   })();
 }
 

@@ -145,34 +145,23 @@ export async function singleSuite(opts: BenchOptions): Promise<{ file: string; b
   const tjsSummary = tjs?.ok ? summarize(tjs) : null;
   const fp32 = summaries.fp32;
   const rows: string[][] = [["stack", "load s", "vision ms", "TTFT ms", "decode tok/s", "step ms", "cold TTFT ms", "peak RSS", "decoder bytes", "vs fp32 tok/s"]];
+  const row = (stack: string, s: SingleSummary, decoder: string, vsFp32: string) => [
+    stack,
+    fmt(s.load_s, 1),
+    fmtSpread(s.vision_ms, 0),
+    fmtSpread(s.ttft_ms, 0),
+    fmtSpread(s.decode_tok_s, 2),
+    fmt(s.decode_step_ms.median, 0),
+    fmt(s.cold_ttft_ms, 0),
+    fmtBytes(s.peak_rss_bytes),
+    decoder,
+    vsFp32,
+  ];
   for (const [d, s] of Object.entries(summaries) as [Dtype, SingleSummary][]) {
-    rows.push([
-      `ours ${d}`,
-      fmt(s.load_s, 1),
-      fmtSpread(s.vision_ms, 0),
-      fmtSpread(s.ttft_ms, 0),
-      fmtSpread(s.decode_tok_s, 2),
-      fmt(s.decode_step_ms.median, 0),
-      fmt(s.cold_ttft_ms, 0),
-      fmtBytes(s.peak_rss_bytes),
-      fmtBytes(models.available[d] ? graphBytes(models.available[d]!).decoder : NaN),
-      fp32 ? `×${fmt(s.decode_tok_s.median / fp32.decode_tok_s.median, 2)}` : "—",
-    ]);
+    const decoder = fmtBytes(models.available[d] ? graphBytes(models.available[d]!).decoder : NaN);
+    rows.push(row(`ours ${d}`, s, decoder, fp32 ? `×${fmt(s.decode_tok_s.median / fp32.decode_tok_s.median, 2)}` : "—"));
   }
-  if (tjsSummary) {
-    rows.push([
-      "transformers.js fp32",
-      fmt(tjsSummary.load_s, 1),
-      fmtSpread(tjsSummary.vision_ms, 0),
-      fmtSpread(tjsSummary.ttft_ms, 0),
-      fmtSpread(tjsSummary.decode_tok_s, 2),
-      fmt(tjsSummary.decode_step_ms.median, 0),
-      fmt(tjsSummary.cold_ttft_ms, 0),
-      fmtBytes(tjsSummary.peak_rss_bytes),
-      "",
-      "",
-    ]);
-  }
+  if (tjsSummary) rows.push(row("transformers.js fp32", tjsSummary, "", ""));
   const ratios =
     fp32 && tjsSummary
       ? {

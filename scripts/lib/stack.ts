@@ -89,11 +89,29 @@ export function startBackend(p: { modelDir: string; port: number; secret: string
 }
 
 /** `wrangler dev` for the edge; its build step bundles the served model's tokenizer (MODEL_DIR). */
-export function startEdge(p: { modelDir: string; port: number; backendUrls: string[]; logFile?: string; vars?: Record<string, string> }): Proc {
+export function startEdge(p: {
+  modelDir: string;
+  port: number;
+  backendUrls: string[];
+  logFile?: string;
+  vars?: Record<string, string>;
+  /** More `wrangler dev` arguments (e.g. `--inspector-port`, `--persist-to`). */
+  args?: string[];
+}): Proc {
   const vars = { BACKEND_URLS: p.backendUrls.join(","), ...p.vars };
   return startGroup(
     process.execPath,
-    [WRANGLER, "dev", "--port", String(p.port), "--ip", "127.0.0.1", "--show-interactive-dev-session=false", ...Object.entries(vars).flatMap(([k, v]) => ["--var", `${k}:${v}`])],
+    [
+      WRANGLER,
+      "dev",
+      "--port",
+      String(p.port),
+      "--ip",
+      "127.0.0.1",
+      "--show-interactive-dev-session=false",
+      ...(p.args ?? []),
+      ...Object.entries(vars).flatMap(([k, v]) => ["--var", `${k}:${v}`]),
+    ],
     { ...process.env, ...QUIET, MODEL_DIR: p.modelDir },
     p.logFile,
   );

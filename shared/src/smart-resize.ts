@@ -106,6 +106,36 @@ function resizeCore(
 }
 
 /**
+ * Both variants: their guards, the arithmetic, and the refusal of a side that rounds to 0 (Pillow could not
+ * resize to it). `clampRounded`: qwen_vl_utils' `max(factor, ·)`; `minSide`: transformers' refusal of sides
+ * below `factor`; `zeroCode`: what each variant reports for a zero side.
+ */
+function checkedResize(
+  height: number,
+  width: number,
+  factor: number,
+  minPixels: number,
+  maxPixels: number,
+  variant: { clampRounded: boolean; minSide: boolean; zeroCode: "aspect_ratio_too_large" | "image_too_small" },
+): [number, number] {
+  checkSide("height", height);
+  checkSide("width", width);
+  checkFactor(factor);
+  checkPixels("min_pixels", minPixels);
+  checkPixels("max_pixels", maxPixels);
+  if (variant.minSide && (height < factor || width < factor)) {
+    throw new ApiError("image_too_small", `image sides must be at least ${factor} pixels, got ${width}x${height}`);
+  }
+  checkArea(height, width);
+  checkAspect(height, width);
+  const [h, w] = resizeCore(height, width, factor, minPixels, maxPixels, variant.clampRounded);
+  if (h <= 0 || w <= 0) {
+    throw new ApiError(variant.zeroCode, `a ${width}x${height} image cannot be resized under max_pixels=${maxPixels}: one side would become 0`);
+  }
+  return [h, w];
+}
+
+/**
  * qwen_vl_utils 0.0.10 `smart_resize(height, width, factor, min_pixels, max_pixels)` → `[height, width]`.
  *
  * Faithful to the Python, including its quirk: the max_pixels (floor) branch has no lower clamp, so an
@@ -120,21 +150,7 @@ export function smartResize(
   minPixels: number = QWEN_VL_UTILS_DEFAULTS.minPixels,
   maxPixels: number = QWEN_VL_UTILS_DEFAULTS.maxPixels,
 ): [number, number] {
-  checkSide("height", height);
-  checkSide("width", width);
-  checkFactor(factor);
-  checkPixels("min_pixels", minPixels);
-  checkPixels("max_pixels", maxPixels);
-  checkArea(height, width);
-  checkAspect(height, width);
-  const [h, w] = resizeCore(height, width, factor, minPixels, maxPixels, true);
-  if (h <= 0 || w <= 0) {
-    throw new ApiError(
-      "aspect_ratio_too_large",
-      `a ${width}x${height} image cannot be resized under max_pixels=${maxPixels}: one side would become 0`,
-    );
-  }
-  return [h, w];
+  return checkedResize(height, width, factor, minPixels, maxPixels, { clampRounded: true, minSide: false, zeroCode: "aspect_ratio_too_large" });
 }
 
 /**
@@ -149,24 +165,7 @@ export function processorSmartResize(
   minPixels = 56 * 56,
   maxPixels = 14 * 14 * 4 * 1280,
 ): [number, number] {
-  checkSide("height", height);
-  checkSide("width", width);
-  checkFactor(factor);
-  checkPixels("min_pixels", minPixels);
-  checkPixels("max_pixels", maxPixels);
-  if (height < factor || width < factor) {
-    throw new ApiError("image_too_small", `image sides must be at least ${factor} pixels, got ${width}x${height}`);
-  }
-  checkArea(height, width);
-  checkAspect(height, width);
-  const [h, w] = resizeCore(height, width, factor, minPixels, maxPixels, false);
-  if (h <= 0 || w <= 0) {
-    throw new ApiError(
-      "image_too_small",
-      `a ${width}x${height} image cannot be resized under max_pixels=${maxPixels}: one side would become 0`,
-    );
-  }
-  return [h, w];
+  return checkedResize(height, width, factor, minPixels, maxPixels, { clampRounded: false, minSide: true, zeroCode: "image_too_small" });
 }
 
 /** Geometry parameters of {@link imageGrid}. */

@@ -29,16 +29,9 @@ import {
   type RgbImage,
 } from "../../gpu-backend/src/preprocess/index.ts";
 import { GOLDEN_DIR, goldenImagePath, loadGoldenCases, loadGoldenF32, type GoldenImage } from "../support/golden.ts";
+import type { PreprocessorConfig } from "../../gpu-backend/src/engine/model.ts";
 
-const preConfig = JSON.parse(readFileSync(join(GOLDEN_DIR, "tiny-a", "preprocessor_config.json"), "utf8")) as {
-  min_pixels: number;
-  max_pixels: number;
-  patch_size: number;
-  merge_size: number;
-  temporal_patch_size: number;
-  image_mean: number[];
-  image_std: number[];
-};
+const preConfig = JSON.parse(readFileSync(join(GOLDEN_DIR, "tiny-a", "preprocessor_config.json"), "utf8")) as PreprocessorConfig;
 
 const OPTS: PreprocessOptions = {
   minPixels: preConfig.min_pixels,

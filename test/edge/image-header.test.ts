@@ -6,6 +6,7 @@
 import fc from "fast-check";
 import { describe, expect, inject, it } from "vitest";
 import { ImageHeaderError, sniffImage } from "../../shared/src/image-header.ts";
+import { crc32 } from "./support/crc32.ts";
 
 const g = inject("golden");
 
@@ -30,15 +31,6 @@ const u24le = (n: number) => [n & 255, (n >>> 8) & 255, (n >>> 16) & 255];
 const u16le = (n: number) => [n & 255, (n >>> 8) & 255];
 const u16be = (n: number) => [(n >>> 8) & 255, n & 255];
 
-/** Independent bitwise CRC-32 (no table), to build valid PNG chunks. */
-function crc32(data: Uint8Array): number {
-  let c = 0xffffffff;
-  for (const byte of data) {
-    c ^= byte;
-    for (let k = 0; k < 8; k++) c = (c >>> 1) ^ (0xedb88320 & -(c & 1));
-  }
-  return (c ^ 0xffffffff) >>> 0;
-}
 
 /** Signature + IHDR (with a correct CRC unless `crc` is given). */
 function pngHeader(w: number, h: number, depth = 8, colorType = 2, crc?: number): Uint8Array {

@@ -15,6 +15,7 @@ import {
   validateImageBytes,
   type VqaLimits,
 } from "../../edge/src/upload/index.ts";
+import { crc32 } from "./support/crc32.ts";
 
 const g = inject("golden");
 
@@ -42,15 +43,6 @@ function toB64(b: Uint8Array): string {
 const BRAIN = b64bytes(g.images["images/brain003631.png"]!); // 224x224 PNG
 const JPEG = b64bytes(g.images["images/synth_rgb_1000x700.jpg"]!); // 1000x700 JPEG
 
-/** Independent bitwise CRC-32, for hand-built PNG headers. */
-function crc32(data: Uint8Array): number {
-  let c = 0xffffffff;
-  for (const byte of data) {
-    c ^= byte;
-    for (let k = 0; k < 8; k++) c = (c >>> 1) ^ (0xedb88320 & -(c & 1));
-  }
-  return (c ^ 0xffffffff) >>> 0;
-}
 /** A PNG signature + IHDR claiming w x h (valid CRC), followed by a dummy IDAT/IEND tail. */
 function pngClaiming(w: number, h: number): Uint8Array {
   const out = BRAIN.slice(0, 33 + 64);

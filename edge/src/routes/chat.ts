@@ -7,7 +7,7 @@ import type { Context } from "hono";
 import { ApiError } from "../../../shared/src/errors.ts";
 import type { ChatMessage, ContentItem } from "../../../shared/src/chat-template.ts";
 import { DEFAULT_PARAMS, type GenerationParams } from "../../../shared/src/wire.ts";
-import { readBodyLimited } from "../upload/read-body.ts";
+import { readBodyLimited } from "../../../shared/src/read-body.ts";
 import { decodeDataUri, validateImageBytes } from "../upload/parse-vqa.ts";
 import { callBackend } from "../backend/client.ts";
 import { loadConfig } from "../config.ts";

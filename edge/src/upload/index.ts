@@ -1,5 +1,5 @@
 /** Upload validation and request parsing for `POST /v1/vqa` (and the image checks the OpenAI route reuses). */
-export { readBodyLimited } from "./read-body.ts";
+export { readBodyLimited } from "../../../shared/src/read-body.ts";
 export {
   MAX_ASPECT_RATIO,
   decodeBase64,

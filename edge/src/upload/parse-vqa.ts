@@ -7,7 +7,7 @@
  */
 import { ApiError } from "../../../shared/src/errors.ts";
 import { IMAGE_MIMES, ImageHeaderError, sniffImage, type ImageMime } from "../../../shared/src/image-header.ts";
-import { readBodyLimited } from "./read-body.ts";
+import { readBodyLimited } from "../../../shared/src/read-body.ts";
 
 /** Server limits applied while parsing (from the worker's config). */
 export interface VqaLimits {

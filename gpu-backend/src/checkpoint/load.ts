@@ -2,12 +2,13 @@
  * Locating and opening a Qwen2-VL checkpoint: a local folder, or a Hugging Face Hub id downloaded into the
  * standard hub cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`).
  */
-import { mkdir, readFile, stat, writeFile } from "node:fs/promises";
+import { mkdir, readFile, writeFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { downloadFileToCacheDir, getHFHubCachePath, getRepoFolderName, listFiles, modelInfo } from "@huggingface/hub";
 import { readQwen2VLConfig, type Qwen2VLConfig } from "./config.ts";
 import { CheckpointError, CheckpointWeights } from "./safetensors.ts";
 import { qwen2vlTensorShapes } from "./weights-spec.ts";
+import { exists, isDir } from "../fs-util.ts";
 
 /** Options for {@link resolveModelDir}. */
 export interface ResolveOptions {
@@ -46,23 +47,6 @@ function noNetworkError(id: string, cause: unknown): CheckpointError {
       `(a folder with config.json and *.safetensors).`,
     { cause },
   );
-}
-
-async function isDir(path: string): Promise<boolean> {
-  try {
-    return (await stat(path)).isDirectory();
-  } catch {
-    return false;
-  }
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await stat(path);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /** An HTTP status carried by a Hub API error. */

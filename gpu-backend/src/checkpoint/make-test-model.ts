@@ -24,6 +24,7 @@ import {
   type TensorSpec,
 } from "./safetensors.ts";
 import { qwen2vlTensorShapes, specTensorChunks } from "./weights-spec.ts";
+import { exists } from "../fs-util.ts";
 
 /** `save_pretrained`'s default `max_shard_size` ("5GB" = 5·10^9 bytes). */
 export const DEFAULT_SHARD_BYTES = 5_000_000_000;
@@ -116,15 +117,6 @@ export function qwen2vlTokenizerJson(): Promise<string> {
   return tokenizerJson;
 }
 
-async function pathExists(p: string): Promise<boolean> {
-  try {
-    await stat(p);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 /** Writes one shard: header from shapes, then each tensor streamed in chunks at its offset. */
 async function writeShard(
   path: string,
@@ -179,7 +171,7 @@ export async function makeTestModel(opts: MakeTestModelOptions): Promise<MakeTes
   if (!(maxShard > 0)) throw new CheckpointError("bad_config", `shard size must be positive, got ${maxShard}`);
 
   let outExists = false;
-  if (await pathExists(outDir)) {
+  if (await exists(outDir)) {
     const empty = (await stat(outDir)).isDirectory() && (await readdir(outDir)).length === 0;
     if (!empty && !opts.overwrite) throw new CheckpointError("output_exists", `${outDir}: already exists and is not empty (use overwrite)`);
     outExists = true;
@@ -197,7 +189,7 @@ export async function makeTestModel(opts: MakeTestModelOptions): Promise<MakeTes
     for (const f of COPIED_FILES) {
       const own = join(configDir, f);
       // Read + write rather than copyFile: the sources may be read-only and the copy should not inherit that.
-      await writeFile(join(tmp, f), await readFile((await pathExists(own)) ? own : join(DEMO_MODEL_DIR, f)));
+      await writeFile(join(tmp, f), await readFile((await exists(own)) ? own : join(DEMO_MODEL_DIR, f)));
     }
     await writeFile(join(tmp, "tokenizer.json"), await qwen2vlTokenizerJson());
 

@@ -27,6 +27,7 @@ import { LM_HEAD_SLICE_BYTES, buildDecoder } from "./decoder.ts";
 import { buildEmbedTokens } from "./embed.ts";
 import type { QuantConfig } from "./quantize.ts";
 import { buildVisionEncoder } from "./vision.ts";
+import { exists } from "../fs-util.ts";
 
 export { CONVERT_DTYPES, type ConvertDtype, ConvertError, type TensorSource } from "./common.ts";
 export type { QuantConfig } from "./quantize.ts";
@@ -263,15 +264,6 @@ export interface ConvertResult {
   outDir: string;
   manifest: ConvertManifest;
   seconds: number;
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await stat(path);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /** sha256 of a safetensors file's 8-byte length + JSON header (names, dtypes, shapes, offsets). */

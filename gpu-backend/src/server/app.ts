@@ -27,6 +27,7 @@ import type { BackendConfig } from "./config.ts";
 import { EngineClient, toWireEvent, type Generation } from "./engine-client.ts";
 import { silentLogger, type Logger } from "./log.ts";
 import { BackendMetrics } from "./metrics.ts";
+import { readBodyLimited } from "../../../shared/src/read-body.ts";
 
 /** Seconds a client should wait before retrying an overloaded backend. */
 const OVERLOADED_RETRY_AFTER_S = 1;
@@ -66,37 +67,6 @@ export type BackendApp = Hono & { readonly lifecycle: BackendLifecycle; readonly
 export function loadHeaderValue(engine: Engine): string {
   const s = engine.stats();
   return `active=${s.active};queued=${s.queued};capacity=${s.capacity}`;
-}
-
-/** Reads a request body, refusing (413) as soon as it exceeds `cap` bytes; the result owns its buffer. */
-export async function readBodyCapped(req: Request, cap: number): Promise<Uint8Array> {
-  const declared = req.headers.get("content-length");
-  if (declared !== null) {
-    if (!/^\d{1,15}$/.test(declared)) throw new ApiError("invalid_request", "malformed content-length");
-    if (Number(declared) > cap) throw new ApiError("payload_too_large", `request body exceeds ${cap} bytes`);
-  }
-  if (!req.body) return new Uint8Array(0);
-  const reader = req.body.getReader();
-  const chunks: Uint8Array[] = [];
-  let total = 0;
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    total += value.byteLength;
-    if (total > cap) {
-      await reader.cancel().catch(() => {});
-      throw new ApiError("payload_too_large", `request body exceeds ${cap} bytes`);
-    }
-    chunks.push(value);
-  }
-  // One fresh buffer (never Node's shared pool): it is transferred to the engine's worker whole.
-  const out = new Uint8Array(total);
-  let off = 0;
-  for (const c of chunks) {
-    out.set(c, off);
-    off += c.byteLength;
-  }
-  return out;
 }
 
 function invalid(message: string): ApiError {
@@ -239,7 +209,7 @@ export function createBackendApp(deps: BackendAppDeps): BackendApp {
       }
       const ct = (c.req.header("content-type") ?? "").split(";")[0]!.trim().toLowerCase();
       if (ct !== WIRE_CONTENT_TYPE) throw new ApiError("unsupported_media_type", `content-type must be ${WIRE_CONTENT_TYPE}`);
-      const body = await readBodyCapped(c.req.raw, config.maxBodyBytes);
+      const body = await readBodyLimited(c.req.raw, config.maxBodyBytes);
       bytesIn = body.byteLength;
       await verifyWireSignature(body, c.req.raw.headers, config.hmacSecret, now());
       wire = decodeWireRequest(body);
@@ -263,8 +233,9 @@ export function createBackendApp(deps: BackendAppDeps): BackendApp {
         throw new ApiError("backend_unavailable", "the backend is shutting down", { "Retry-After": String(UNAVAILABLE_RETRY_AFTER_S) });
       }
     } catch (e) {
-      if (!(e instanceof ApiError) && c.req.raw.signal.aborted) {
-        // The client went away while sending the body: nobody to answer, nothing was admitted.
+      if (c.req.raw.signal.aborted) {
+        // The client went away (while sending the body: the reader reports that as a 400): nobody to answer,
+        // nothing was admitted.
         metrics.outcome("cancelled");
         logger.log("info", "generate abandoned by the client", { request_id: requestId, bytes_in: bytesIn });
         return errorResponse(c, new ApiError("invalid_request", "request aborted"), requestId);

@@ -1,12 +1,14 @@
 /**
- * Byte-capped reading of a request body. Clients may lie about `Content-Length` or omit it (chunked
- * transfer), so the declared length only allows an early refusal; the real guard counts the bytes of
- * the stream as they arrive and cancels it as soon as the count passes the cap.
+ * Byte-capped reading of a request body (the edge's uploads, the backend's wire requests). Clients may lie
+ * about `Content-Length` or omit it (chunked transfer), so the declared length only allows an early refusal;
+ * the real guard counts the bytes of the stream as they arrive and cancels it as soon as the count passes
+ * the cap.
  */
-import { ApiError } from "../../../shared/src/errors.ts";
+import { ApiError } from "./errors.ts";
 
 /**
- * Reads `request`'s body into one `Uint8Array` of at most `maxBytes` bytes.
+ * Reads `request`'s body into one fresh `Uint8Array` (its own buffer: never a runtime chunk or a slice of
+ * Node's shared pool, so it can be transferred to a worker thread) of at most `maxBytes` bytes.
  *
  * - `Content-Length` above the cap: `payload_too_large` (413) at once, without reading anything.
  * - Otherwise the stream is read chunk by chunk; once the total passes the cap the stream is cancelled
@@ -31,7 +33,7 @@ export async function readBodyLimited(request: Request, maxBytes: number): Promi
   const chunks: Uint8Array[] = [];
   let total = 0;
   for (;;) {
-    let step: ReadableStreamReadResult<Uint8Array>;
+    let step: Awaited<ReturnType<typeof reader.read>>;
     try {
       step = await reader.read();
     } catch {
@@ -46,7 +48,6 @@ export async function readBodyLimited(request: Request, maxBytes: number): Promi
     }
     chunks.push(chunk);
   }
-  if (chunks.length === 1) return chunks[0]!;
   const out = new Uint8Array(total);
   let off = 0;
   for (const c of chunks) {

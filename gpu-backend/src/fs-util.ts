@@ -1,0 +1,21 @@
+/** File-system predicates shared by the checkpoint loader, the converter and the test-model writer. */
+import { stat } from "node:fs/promises";
+
+/** Whether `path` exists (anything `stat` can see). */
+export async function exists(path: string): Promise<boolean> {
+  try {
+    await stat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Whether `path` is a directory. */
+export async function isDir(path: string): Promise<boolean> {
+  try {
+    return (await stat(path)).isDirectory();
+  } catch {
+    return false;
+  }
+}
