@@ -11,6 +11,7 @@ import {
 import { ApiError } from "../../shared/src/errors.ts";
 import { expandImagePads as expandByCounts } from "../../shared/src/image-tokens.ts";
 import { loadGoldenCases } from "../support/golden.ts";
+import { thrownBy } from "../support/errors.ts";
 
 /** The processor's pad expansion for grids (shared code takes token counts). */
 const expandImagePads = (ids: ArrayLike<number>, grids: readonly GridThw[] | null, merge: number, pad: number) =>
@@ -25,14 +26,7 @@ const cases = loadGoldenCases();
 const arr = (pos: [Int32Array, Int32Array, Int32Array]) => pos.map((a) => Array.from(a));
 
 function expectCode(fn: () => unknown, code: string): void {
-  let err: unknown;
-  try {
-    fn();
-  } catch (e) {
-    err = e;
-  }
-  expect(err).toBeInstanceOf(RopeIndexError);
-  expect((err as RopeIndexError).code).toBe(code);
+  expect(thrownBy(fn, RopeIndexError).code).toBe(code);
 }
 
 describe("golden cases (transformers 4.46.1 get_rope_index)", () => {

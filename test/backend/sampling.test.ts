@@ -8,6 +8,7 @@ import {
   resolveSamplingParams,
   type SamplingParams,
 } from "../../gpu-backend/src/engine/sampling.ts";
+import { thrownBy } from "../support/errors.ts";
 
 const V = 151936;
 const f32 = (xs: number[]) => Float32Array.from(xs);
@@ -27,15 +28,9 @@ function expectClose(actual: ArrayLike<number>, expected: number[], tol = 1e-6):
 }
 
 function expectError(fn: () => unknown, code: string, param?: string): void {
-  let err: unknown;
-  try {
-    fn();
-  } catch (e) {
-    err = e;
-  }
-  expect(err).toBeInstanceOf(SamplingError);
-  expect((err as SamplingError).code).toBe(code);
-  if (param !== undefined) expect((err as SamplingError).param).toBe(param);
+  const err = thrownBy(fn, SamplingError);
+  expect(err.code).toBe(code);
+  if (param !== undefined) expect(err.param).toBe(param);
 }
 
 /** Deterministic pseudo-random logits (not the sampler's RNG). */

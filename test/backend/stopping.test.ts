@@ -13,6 +13,7 @@ import {
   type TextDeltaSource,
 } from "../../gpu-backend/src/engine/stopping.ts";
 import { GOLDEN_DIR, loadGoldenCase } from "../support/golden.ts";
+import { thrownBy } from "../support/errors.ts";
 
 /** A fake detokenizer: token id i yields pieces[i]; flush yields `tail`. */
 function source(pieces: string[], tail = ""): TextDeltaSource {
@@ -22,14 +23,7 @@ function source(pieces: string[], tail = ""): TextDeltaSource {
 const base: StoppingConfig = { maxNewTokens: 100, contextLength: 1000, promptLength: 10 };
 
 function expectConfigError(fn: () => unknown, code: string): void {
-  let err: unknown;
-  try {
-    fn();
-  } catch (e) {
-    err = e;
-  }
-  expect(err).toBeInstanceOf(StopConfigError);
-  expect((err as StopConfigError).code).toBe(code);
+  expect(thrownBy(fn, StopConfigError).code).toBe(code);
 }
 
 /** Reference: the text before the stop string that is complete first (tie: the longer one), or all. */

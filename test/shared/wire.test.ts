@@ -14,6 +14,7 @@ import {
   type BackendEvent,
   type WireRequest,
 } from "../../shared/src/wire.ts";
+import { thrownBy } from "../support/errors.ts";
 
 function sample(): WireRequest {
   const img1 = new Uint8Array([0x89, 0x50, 0x4e, 0x47, 1, 2, 3]);
@@ -37,14 +38,7 @@ function sample(): WireRequest {
 }
 
 function expectCode(fn: () => unknown, code: string) {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(ApiError);
-    expect((e as ApiError).code).toBe(code);
-    return;
-  }
-  throw new Error("expected an error");
+  expect(thrownBy(fn, ApiError).code).toBe(code);
 }
 
 describe("wire format v1", () => {

@@ -26,3 +26,14 @@ export async function rejectionOf<E extends CodedError<string>>(p: Promise<unkno
   }
   throw new Error(`expected a ${cls.name}, nothing was thrown`);
 }
+
+/** The error `f` throws, which must be a `cls` (throws, failing the test, otherwise). */
+export function thrownBy<E extends Error>(f: () => unknown, cls: abstract new (...args: never[]) => E): E {
+  try {
+    f();
+  } catch (e) {
+    if (e instanceof cls) return e;
+    throw new Error(`expected a ${cls.name}, got ${String(e)}`);
+  }
+  throw new Error(`expected a ${cls.name}, nothing was thrown`);
+}
