@@ -29,6 +29,7 @@ import {
   type RgbImage,
 } from "../../gpu-backend/src/preprocess/index.ts";
 import { GOLDEN_DIR, goldenImagePath, loadGoldenCases, loadGoldenF32, type GoldenImage } from "../support/golden.ts";
+import { crc32 } from "../support/crc32.ts";
 import type { PreprocessorConfig } from "../../gpu-backend/src/engine/model.ts";
 
 const preConfig = JSON.parse(readFileSync(join(GOLDEN_DIR, "tiny-a", "preprocessor_config.json"), "utf8")) as PreprocessorConfig;
@@ -73,16 +74,6 @@ async function rejectsWith(promise: Promise<unknown>, code: string): Promise<Ima
 // ---------------------------------------------------------------------------------------------------
 // A minimal PNG writer, so tests control bit depth, colour type, PLTE and tRNS exactly.
 
-const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
-  let c = n;
-  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-  return c >>> 0;
-});
-function crc32(b: Uint8Array): number {
-  let c = 0xffffffff;
-  for (const x of b) c = CRC_TABLE[(c ^ x) & 0xff]! ^ (c >>> 8);
-  return (c ^ 0xffffffff) >>> 0;
-}
 function chunk(type: string, data: Uint8Array): Buffer {
   const head = Buffer.alloc(8);
   head.writeUInt32BE(data.length, 0);

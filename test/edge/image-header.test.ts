@@ -6,7 +6,7 @@
 import fc from "fast-check";
 import { describe, expect, inject, it } from "vitest";
 import { ImageHeaderError, sniffImage } from "../../shared/src/image-header.ts";
-import { crc32 } from "./support/crc32.ts";
+import { crc32 } from "../support/crc32.ts";
 
 const g = inject("golden");
 

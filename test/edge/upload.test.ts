@@ -15,7 +15,7 @@ import {
   validateImageBytes,
   type VqaLimits,
 } from "../../edge/src/upload/index.ts";
-import { crc32 } from "./support/crc32.ts";
+import { crc32 } from "../support/crc32.ts";
 
 const g = inject("golden");
 

@@ -6,7 +6,7 @@
  * in chunks and written at its offset, so memory stays flat even for the ~4.4 GB BF16 2B shape. The folder appears
  * atomically: everything is written into `<out>.tmp-<pid>` and renamed at the end.
  */
-import { mkdir, open, readFile, rename, rm, stat, writeFile, readdir, rmdir } from "node:fs/promises";
+import { mkdir, open, readFile, rename, rm, rmdir, writeFile } from "node:fs/promises";
 import { createRequire } from "node:module";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -24,7 +24,7 @@ import {
   type TensorSpec,
 } from "./safetensors.ts";
 import { qwen2vlTensorShapes, specTensorChunks } from "./weights-spec.ts";
-import { exists } from "../fs-util.ts";
+import { exists, isEmptyDir } from "../fs-util.ts";
 
 /** `save_pretrained`'s default `max_shard_size` ("5GB" = 5·10^9 bytes). */
 export const DEFAULT_SHARD_BYTES = 5_000_000_000;
@@ -172,8 +172,7 @@ export async function makeTestModel(opts: MakeTestModelOptions): Promise<MakeTes
 
   let outExists = false;
   if (await exists(outDir)) {
-    const empty = (await stat(outDir)).isDirectory() && (await readdir(outDir)).length === 0;
-    if (!empty && !opts.overwrite) throw new CheckpointError("output_exists", `${outDir}: already exists and is not empty (use overwrite)`);
+    if (!(await isEmptyDir(outDir)) && !opts.overwrite) throw new CheckpointError("output_exists", `${outDir}: already exists and is not empty (use overwrite)`);
     outExists = true;
   }
 
@@ -216,7 +215,7 @@ export async function makeTestModel(opts: MakeTestModelOptions): Promise<MakeTes
     // Replace only now that everything is written: a crash above leaves at most a *.tmp-<pid> folder.
     let old: string | undefined;
     if (outExists) {
-      if ((await stat(outDir)).isDirectory() && (await readdir(outDir)).length === 0) await rmdir(outDir);
+      if (await isEmptyDir(outDir)) await rmdir(outDir);
       else await rename(outDir, (old = `${outDir}.old-${process.pid}`));
     }
     await rename(tmp, outDir);

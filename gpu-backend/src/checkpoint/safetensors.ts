@@ -11,6 +11,7 @@
 import { open, readFile, stat, type FileHandle } from "node:fs/promises";
 import { basename, join, resolve } from "node:path";
 import { CodedError } from "../../../shared/src/errors.ts";
+import { exists } from "../fs-util.ts";
 
 /** Element types this converter reads and writes. */
 export type DType = "F32" | "F16" | "BF16";
@@ -397,9 +398,7 @@ export class CheckpointWeights {
         files = [...new Set(indexMap.values())].map((f) => join(path, f));
       } else {
         const single = join(path, "model.safetensors");
-        try {
-          await stat(single);
-        } catch {
+        if (!(await exists(single))) {
           throw new CheckpointError("not_found", `${path}: no model.safetensors or ${SAFETENSORS_INDEX} in this folder`);
         }
         files = [single];

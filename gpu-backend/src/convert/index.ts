@@ -17,7 +17,7 @@
  */
 import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
-import { copyFile, mkdir, open, readFile, readdir, rename, rm, stat, writeFile } from "node:fs/promises";
+import { copyFile, mkdir, open, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { basename, join, resolve } from "node:path";
 import { withImageProcessorDefaults } from "../../../shared/src/model-meta.ts";
 import { type Qwen2VLConfig, type ResolveOptions, loadQwen2VLCheckpoint } from "../checkpoint/index.ts";
@@ -27,7 +27,7 @@ import { LM_HEAD_SLICE_BYTES, buildDecoder } from "./decoder.ts";
 import { buildEmbedTokens } from "./embed.ts";
 import type { QuantConfig } from "./quantize.ts";
 import { buildVisionEncoder } from "./vision.ts";
-import { exists } from "../fs-util.ts";
+import { exists, isEmptyDir } from "../fs-util.ts";
 
 export { CONVERT_DTYPES, type ConvertDtype, ConvertError, type TensorSource } from "./common.ts";
 export type { QuantConfig } from "./quantize.ts";
@@ -378,8 +378,7 @@ export async function convertModel(options: ConvertOptions): Promise<ConvertResu
   const outDir = resolve(options.outDir);
   let outExists = false;
   if (await exists(outDir)) {
-    const empty = (await stat(outDir)).isDirectory() && (await readdir(outDir)).length === 0;
-    if (!empty && !options.overwrite) throw new ConvertError("output_exists", `${outDir}: already exists and is not empty (pass overwrite to replace it)`);
+    if (!(await isEmptyDir(outDir)) && !options.overwrite) throw new ConvertError("output_exists", `${outDir}: already exists and is not empty (pass overwrite to replace it)`);
     outExists = true;
   }
 

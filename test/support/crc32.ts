@@ -1,4 +1,4 @@
-/** Independent bitwise CRC-32 (no table, unlike the code under test), to build valid PNG chunks in tests. */
+/** Independent bitwise CRC-32 (no table, unlike the code under test), to build valid PNG chunks in edge and backend tests. */
 export function crc32(data: Uint8Array): number {
   let c = 0xffffffff;
   for (const byte of data) {
