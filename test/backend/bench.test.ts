@@ -139,7 +139,10 @@ describe("bench (quick, tiny model)", () => {
     expect(positive(r.tokenizer_heap_proxy.after_tokenizer)).toBe(true);
     expect(r.tokenizer_heap_proxy.bundle_bytes).toBeGreaterThan(1e6); // the bundled merge tables
     expect(positive(r.load.vqa.workerd_cpu_ms_per_request)).toBe(true);
-    expect(positive(r.worker_startup.cpu_ms)).toBe(true);
+    // A sampled profile of a few-ms startup can hold no busy sample: the check is that it ran and is bounded.
+    expect(r.worker_startup).not.toBeNull();
+    expect(r.worker_startup.cpu_ms).toBeGreaterThanOrEqual(0);
+    expect(r.worker_startup.span_ms).toBeGreaterThan(0);
     expect(r.worker_startup.cpu_ms).toBeLessThanOrEqual(r.worker_startup.span_ms);
   }, 300_000);
 });
