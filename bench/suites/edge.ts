@@ -7,6 +7,9 @@
  *   - load: req/s and p50/p99 of /v1/vqa (not streamed) with N requests from C concurrent clients, and of
  *     /healthz (auth-free, no work) as the peer measured on the same worker in the same run
  *   - worker startup CPU (`wrangler check startup`'s profile: script evaluation before the first request)
+ *   - the worker's own CPU per request, in-process: Node's V8 runs the worker's source with the Durable Object
+ *     and the backend answered by doubles (bench/children/edge-worker.ts), p50/p99 per request; and the heap
+ *     the whole worker holds after that load
  *   - isolate memory proxy: heap growth of building the tokenizer in a Node child (see the child)
  * Loopback only; the rate limits are raised by --var so that the limiter admits every request (its
  * Durable Object call still runs).
@@ -20,6 +23,7 @@ import { join } from "node:path";
 import { devTokenForRepo } from "../../scripts/dev-secrets.ts";
 import { ensureServedModel, startEdge } from "../../scripts/lib/stack.ts";
 import { GENERATE_PATH, LOAD_HEADER, WIRE_EVENTS_CONTENT_TYPE, decodeWireRequest, encodeEvent } from "../../shared/src/wire.ts";
+import type { EdgeWorkerResult } from "../children/edge-worker.ts";
 import type { TokenizerHeapResult } from "../children/tokenizer-heap.ts";
 import { type BenchOptions, GOLDEN_DIR, ROOT, fmt, fmtBytes, log, machineInfo, machineLine, percentile, runChild, spread, table, writeResult } from "../lib/common.ts";
 
@@ -156,7 +160,8 @@ export function workerdProc(pgid: number): { rss: number; cpu_ms: number } | nul
 
 const image = new Uint8Array(readFileSync(join(GOLDEN_DIR, "images", "brain003631.png")));
 
-function vqaForm(): FormData {
+/** The /v1/vqa form the suite sends (the golden brain MRI, the eval question, four options, one token). */
+export function vqaForm(): FormData {
   const form = new FormData();
   form.append("image", new Blob([image], { type: "image/png" }), "brain.png");
   form.append("question", "What attribute can be observed in this image?");
@@ -342,6 +347,8 @@ export async function edgeSuite(opts: BenchOptions): Promise<{ file: string; bod
       { timeoutS: 120 },
     )
   ).result;
+  log(`edge: the worker in-process (Node's V8, Durable Object and backend doubles), ${opts.requests} requests per route`);
+  const own = (await runChild<EdgeWorkerResult>("edge-worker.ts", { requests: opts.requests, warmup: Math.min(50, opts.requests) }, { timeoutS: 300, quiet: true })).result;
   rmSync(persistDir, { recursive: true, force: true });
 
   const c = {
@@ -368,9 +375,28 @@ export async function edgeSuite(opts: BenchOptions): Promise<{ file: string; bod
   if (rssGrowth.n > 0) {
     text += `\n\nworkerd process RSS (whole runtime): after /healthz ${fmtBytes(cold[0]!.workerd_rss_after_healthz)}, growth over the first /v1/vqa ${fmtBytes(rssGrowth.median)} (median of ${rssGrowth.n} starts), after the load test ${fmtBytes(workerdRssAfterLoad)}`;
   }
+  const ownRow = (name: string, r: EdgeWorkerResult["healthz"]) => [
+    name,
+    String(r.requests),
+    fmt(r.thread_p50_ms ?? NaN, 2),
+    fmt(r.thread_p99_ms ?? NaN, 2),
+    fmt(r.thread_mean_ms ?? NaN, 2),
+    fmt(r.cpu_p50_ms, 2),
+    fmt(r.cpu_p99_ms, 2),
+    fmt(r.wall_p50_ms, 2),
+    Object.entries(r.statuses).map(([k, v]) => `${k}×${v}`).join(" "),
+  ];
+  text += `\n\nthe worker's own CPU per request, ms (in-process: Node's V8 runs the worker's source; Durable Object and backend doubles, not counted; ${own.warmup} warm-up rounds, routes interleaved). Main thread = where the worker's JavaScript runs; process = plus V8's background GC/compiler threads\n`;
+  text += table([
+    ["route", "requests", "main thread p50", "p99", "mean", "process p50", "p99", "wall p50", "statuses"],
+    ownRow("GET /healthz", own.healthz),
+    ownRow("POST /v1/vqa, HS256 token", own.vqa_hs256),
+    ownRow("POST /v1/vqa, ES256 token (public JWK)", own.vqa_es256),
+  ]);
+  text += `\nbackend double ${fmt(own.backend_double_cpu_ms, 2)} ms CPU per /v1/vqa (subtracted; ${own.backend_double_malformed} malformed); worker heap (heapUsed + external, after gc): ${fmtBytes(own.heap_after_import)} after import, ${fmtBytes(own.heap_after_load)} after the load`;
   text += `\n\nworker startup (wrangler check startup, this CPU): ${startup ? `${fmt(startup.cpu_ms, 1)} ms CPU over a ${fmt(startup.span_ms, 0)} ms profile` : "unavailable"}`;
   text += `\n\nisolate memory proxy (Node V8, not workerd): tokenizer tables ${fmtBytes(heap.bundle_bytes)}; heap+external after loading them ${fmtBytes(heap.after_bundle)}, after new BpeTokenizer ${fmtBytes(heap.after_tokenizer)}, after two encodes ${fmtBytes(heap.after_encode)} (RSS +${fmtBytes(heap.rss_delta)}); construct ${fmt(heap.construct_ms, 1)} ms, first encode ${fmt(heap.first_encode_ms, 1)} ms, then ${fmt(heap.second_encode_ms, 2)} ms\n`;
   process.stdout.write(text);
-  const body = { suite: "edge", created: new Date().toISOString(), machine, options: opts, cold_starts: cold, cold_summary: c, workerd_rss_after_load: workerdRssAfterLoad, load: loads, backend_double: { served: double.served(), malformed: double.bad() }, tokenizer_heap_proxy: heap, worker_startup: startup };
+  const body = { suite: "edge", created: new Date().toISOString(), machine, options: opts, cold_starts: cold, cold_summary: c, workerd_rss_after_load: workerdRssAfterLoad, load: loads, backend_double: { served: double.served(), malformed: double.bad() }, tokenizer_heap_proxy: heap, worker_startup: startup, worker_own_cpu: own };
   return { file: writeResult(opts, "edge", body), body };
 }

@@ -139,6 +139,21 @@ describe("bench (quick, tiny model)", () => {
     expect(positive(r.tokenizer_heap_proxy.after_tokenizer)).toBe(true);
     expect(r.tokenizer_heap_proxy.bundle_bytes).toBeGreaterThan(1e6); // the bundled merge tables
     expect(positive(r.load.vqa.workerd_cpu_ms_per_request)).toBe(true);
+    // The worker in-process: every request answered, the double decoded every wire request, and /v1/vqa's
+    // work (auth, parsing, tokenization, signing) costs more CPU than /healthz's.
+    const own = r.worker_own_cpu;
+    expect(own.healthz.statuses).toEqual({ 200: 10 });
+    expect(own.vqa_hs256.statuses).toEqual({ 200: 10 });
+    expect(own.vqa_es256.statuses).toEqual({ 200: 10 });
+    expect(own.backend_double_malformed).toBe(0);
+    expect(positive(own.healthz.cpu_p50_ms)).toBe(true);
+    expect(own.vqa_hs256.cpu_mean_ms).toBeGreaterThan(own.healthz.cpu_mean_ms);
+    expect(own.vqa_es256.cpu_p99_ms).toBeGreaterThanOrEqual(own.vqa_es256.cpu_p50_ms);
+    // The main thread's share (Linux schedstat) is part of the whole process's CPU (two clocks: a small slack).
+    expect(positive(own.vqa_hs256.thread_p50_ms)).toBe(true);
+    expect(own.vqa_hs256.thread_mean_ms).toBeLessThanOrEqual(own.vqa_hs256.cpu_mean_ms * 1.1 + 0.1);
+    // The tokenizer tables are loaded by the first /v1/vqa: the heap after the load holds them.
+    expect(own.heap_after_load - own.heap_after_import).toBeGreaterThan(1e6);
     // A sampled profile of a few-ms startup can hold no busy sample: the check is that it ran and is bounded.
     expect(r.worker_startup).not.toBeNull();
     expect(r.worker_startup.cpu_ms).toBeGreaterThanOrEqual(0);
