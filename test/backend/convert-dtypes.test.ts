@@ -135,6 +135,11 @@ describe("quantized and fp16 conversions against the golden decodes", () => {
   it("int4 (MatMulNBits, block 32, asymmetric)", async () => {
     const r = await measure("int4");
     expect(readFileSync(join(tmp, "int4", "decoder_model_merged.onnx")).includes("lm_head.weight_Q4")).toBe(true);
+    // Weight-only quantized layers: q+k+v, o, gate+up, down (the projections of one input are one MatMulNBits).
+    const layers: number = JSON.parse(readFileSync(join(tmp, "int4", "manifest.json"), "utf8")).decoder.num_hidden_layers;
+    const inLayers = onnxNodes(readFileSync(join(tmp, "int4", "decoder_model_merged.onnx"))).filter((n) => n.name.startsWith("/model.layers."));
+    expect(inLayers.filter((n) => n.opType === "MatMulNBits")).toHaveLength(4 * layers);
+    expect(inLayers.filter((n) => n.opType === "MatMulNBits" && /q_proj\+k_proj\+v_proj|gate_proj\+up_proj/.test(n.name))).toHaveLength(2 * layers);
     expect(r.decoderBytes).toBeLessThan(7e6);
     // Regression guards around the measured values (4-bit on a 64-wide random model is coarse).
     expect(r.stepMaxAbs).toBeLessThan(0.6);

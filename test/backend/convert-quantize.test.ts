@@ -8,7 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as ort from "onnxruntime-node";
 import { afterAll, describe, expect, it } from "vitest";
-import { float16Bytes, float32ToFloat16Bits, transposedPieces } from "../../gpu-backend/src/convert/common.ts";
+import { type BuildOptions, ModuleEmitter, type TensorSource, float16Bytes, float32ToFloat16Bits, transposedPieces } from "../../gpu-backend/src/convert/common.ts";
 import { QuantizeError, dequantizeBlockwise, quantizeBlockwise } from "../../gpu-backend/src/convert/quantize.ts";
 import { GraphBuilder, writeModel } from "../../gpu-backend/src/onnx/index.ts";
 import { f16ToF32 } from "./convert-support.ts";
@@ -109,6 +109,56 @@ describe("MatMulNBits in onnxruntime reads our packing", () => {
         expect(Math.abs(out[m * N + n]! - s)).toBeLessThan(1e-5);
       }
     }
+  });
+});
+
+describe("ModuleEmitter.linears: projections of one input as one MatMul", () => {
+  // q [6, 64], k [2, 64], v [2, 64] with biases; each part of the fused MatMul must be what its own Linear gives.
+  const K = 64;
+  const M = 3;
+  const shapes: Record<string, number[]> = { "a.q.weight": [6, K], "a.k.weight": [2, K], "a.v.weight": [2, K], "a.q.bias": [6], "a.k.bias": [2], "a.v.bias": [2] };
+  const data = Object.fromEntries(Object.entries(shapes).map(([name, shape], i) => [name, values(shape.reduce((a, b) => a * b, 1), 7 + i)]));
+  const source: TensorSource = { info: (name) => ({ shape: shapes[name]!, dtype: "F32" }), readF32: async (name) => data[name]! };
+  const x = values(M * K, 3);
+
+  async function run(opts: BuildOptions, fused: boolean, int8Dynamic: boolean, name: string): Promise<Float32Array[]> {
+    const g = new GraphBuilder(name);
+    const e = new ModuleEmitter(g, source, opts);
+    const input = g.input("x", "float32", [M, K]);
+    const modules = ["a.q", "a.k", "a.v"];
+    const lin = { bias: true, int8Dynamic };
+    const ys = fused ? e.linears(input, modules, lin) : modules.map((m) => e.linear(input, m, lin));
+    ys.forEach((y, i) => g.output(y, `y${i}`, "float32", [M, shapes[`${modules[i]}.bias`]![0]!]));
+    const path = join(tmp, `${name}.onnx`);
+    await writeModel(path, g.model({ opset: 17 }));
+    const sess = await ort.InferenceSession.create(path);
+    const out = await sess.run({ x: new ort.Tensor("float32", x, [M, K]) });
+    await sess.release();
+    return [0, 1, 2].map((i) => out[`y${i}`]!.data as Float32Array);
+  }
+
+  it.each([
+    ["fp32", false],
+    ["int8", false],
+    ["int4", false],
+    ["fp32", true],
+  ] as const)("%s (W8A8: %s): each part equals the separate Linear", async (dtype, int8Dynamic) => {
+    const tag = `${dtype}-${int8Dynamic}`;
+    const separate = await run({ dtype }, false, int8Dynamic, `sep-${tag}`);
+    const fused = await run({ dtype }, true, int8Dynamic, `fused-${tag}`);
+    for (let i = 0; i < 3; i++) {
+      expect(fused[i]!.length).toBe(separate[i]!.length);
+      // The same products; a kernel may sum them in another order for another N (float32 rounding only).
+      for (let j = 0; j < fused[i]!.length; j++) expect(Math.abs(fused[i]![j]! - separate[i]![j]!)).toBeLessThanOrEqual(1e-6 * Math.max(1, Math.abs(separate[i]![j]!)));
+    }
+  });
+
+  it("refuses parts of different input widths, and modules of different parents", () => {
+    const g = new GraphBuilder("bad");
+    const odd: TensorSource = { info: (name) => ({ shape: name === "a.k.weight" ? [2, 32] : shapes[name]! }), readF32: async (name) => data[name]! };
+    const input = g.input("x", "float32", [M, K]);
+    expect(() => new ModuleEmitter(g, odd, { dtype: "fp32" }).linears(input, ["a.q", "a.k"], { bias: false })).toThrowError(/a\.k\.weight: input width 32, expected 64/);
+    expect(() => new ModuleEmitter(g, source, { dtype: "fp32" }).linears(input, ["a.q", "b.k"], { bias: false })).toThrowError(/do not share a parent/);
   });
 });
 

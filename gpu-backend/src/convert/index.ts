@@ -65,8 +65,9 @@ export const MANIFEST_FORMAT_VERSION = 1;
  * 1: fused RMSNorm/residual (`SimplifiedLayerNormalization`/`SkipSimplifiedLayerNormalization`), GQA without
  *    K/V copies, external data for quantized graphs, W8A8 vision (int4 default; int8 with `w8a8`), float LM
  *    head in vocabulary slices, the W8A8 decoder option, `converter.options` in the manifest.
+ * 2: the decoder's q/k/v and gate/up projections as one MatMul each (`…q_proj+k_proj+v_proj.weight…`).
  */
-export const CONVERTER_REVISION = 1;
+export const CONVERTER_REVISION = 2;
 
 /** Conversion progress, reported after every tensor. */
 export interface ConvertProgress {
