@@ -12,15 +12,13 @@
  * (the edge suite) bounds it from the other side.
  */
 import { exportJWK, generateKeyPair, SignJWT } from "jose";
+import { readFileSync } from "node:fs";
 import { register } from "node:module";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
-import { readFileSync } from "node:fs";
-import { setFlagsFromString } from "node:v8";
-import { runInNewContext } from "node:vm";
 import { devTokenForRepo, readDevVars, readWranglerVars } from "../../scripts/dev-secrets.ts";
 import { GENERATE_PATH, WIRE_EVENTS_CONTENT_TYPE, decodeWireRequest, encodeEvent } from "../../shared/src/wire.ts";
-import { ROOT, childArgs, childDone, childMain, percentile } from "../lib/common.ts";
+import { ROOT, childArgs, childDone, childMain, memoryAfterGc, percentile } from "../lib/common.ts";
 import { vqaForm } from "../suites/edge.ts";
 
 /** One route's per-request numbers, ms. */
@@ -54,13 +52,6 @@ export interface EdgeWorkerResult {
   peak_rss_bytes: number;
 }
 
-function gcFn(): () => void {
-  const g = (globalThis as { gc?: () => void }).gc;
-  if (g) return g;
-  setFlagsFromString("--expose-gc");
-  return runInNewContext("gc") as () => void;
-}
-
 /** CPU so far, ms: the whole process (user + system) and the main thread alone. */
 interface Clock {
   proc: number;
@@ -90,12 +81,7 @@ interface Worker {
 
 childMain(async () => {
   const { requests, warmup } = childArgs<{ requests: number; warmup: number }>();
-  const gc = gcFn();
-  const heap = () => {
-    for (let i = 0; i < 3; i++) gc();
-    const m = process.memoryUsage();
-    return m.heapUsed + m.external;
-  };
+  const heap = () => memoryAfterGc().heap;
 
   // The backend double, in place of the global fetch the worker's backend client uses.
   const doubleCpu: Clock = { proc: 0, thread: 0 };

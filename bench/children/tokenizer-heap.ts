@@ -5,15 +5,13 @@
  * embedding, so these are proxies, not the isolate's own numbers.
  */
 import { readFileSync } from "node:fs";
-import { setFlagsFromString } from "node:v8";
-import { runInNewContext } from "node:vm";
 import { BpeTokenizer, deserializeBpe } from "../../shared/src/tokenizer/index.ts";
-import { childArgs, childDone, childMain } from "../lib/common.ts";
+import { childArgs, childDone, childMain, memoryAfterGc } from "../lib/common.ts";
 
 export interface TokenizerHeapResult {
   /** size of the bundled tables */
   bundle_bytes: number;
-  /** heapUsed + external + arrayBuffers deltas over the baseline, bytes */
+  /** heapUsed + external (ArrayBuffers included) deltas over the baseline, bytes */
   after_bundle: number;
   after_tokenizer: number;
   /** after two encodes (regexes compiled, piece cache filled) */
@@ -25,21 +23,9 @@ export interface TokenizerHeapResult {
   peak_rss_bytes: number;
 }
 
-function gcFn(): () => void {
-  const g = (globalThis as { gc?: () => void }).gc;
-  if (g) return g;
-  setFlagsFromString("--expose-gc");
-  return runInNewContext("gc") as () => void;
-}
-
 childMain(async () => {
   const { file, sample } = childArgs<{ file: string; sample: string }>();
-  const gc = gcFn();
-  const used = () => {
-    for (let i = 0; i < 3; i++) gc();
-    const m = process.memoryUsage();
-    return { heap: m.heapUsed + m.external + m.arrayBuffers, rss: m.rss };
-  };
+  const used = memoryAfterGc;
   const base = used();
   const bytes = new Uint8Array(readFileSync(file));
   const afterBundle = used();

@@ -8,6 +8,8 @@ import { createRequire } from "node:module";
 import { cpus, totalmem, freemem, loadavg, tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { setFlagsFromString } from "node:v8";
+import { runInNewContext } from "node:vm";
 import type { ConvertDtype } from "../../gpu-backend/src/convert/index.ts";
 
 export const ROOT = resolve(fileURLToPath(new URL("../..", import.meta.url)));
@@ -269,6 +271,21 @@ export async function runChild<T>(script: string, args: unknown, opts: { timeout
   } finally {
     rmSync(resultFile, { force: true });
   }
+}
+
+/**
+ * Inside a child: memory in use after three full collections — V8's heap plus memory held outside it for JS
+ * objects (`heapUsed + external`; `external` includes ArrayBuffers) — and RSS, bytes.
+ */
+export function memoryAfterGc(): { heap: number; rss: number } {
+  let gc = (globalThis as { gc?: () => void }).gc;
+  if (!gc) {
+    setFlagsFromString("--expose-gc");
+    gc = runInNewContext("gc") as () => void;
+  }
+  for (let i = 0; i < 3; i++) gc();
+  const m = process.memoryUsage();
+  return { heap: m.heapUsed + m.external, rss: m.rss };
 }
 
 /** Inside a child: its arguments. */
