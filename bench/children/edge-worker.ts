@@ -17,9 +17,9 @@ import { register } from "node:module";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { devTokenForRepo, readDevVars, readWranglerVars } from "../../scripts/dev-secrets.ts";
-import { GENERATE_PATH, WIRE_EVENTS_CONTENT_TYPE, decodeWireRequest, encodeEvent } from "../../shared/src/wire.ts";
+import { GENERATE_PATH, WIRE_EVENTS_CONTENT_TYPE } from "../../shared/src/wire.ts";
 import { ROOT, childArgs, childDone, childMain, memoryAfterGc, percentile } from "../lib/common.ts";
-import { vqaForm } from "../suites/edge.ts";
+import { backendDoubleAnswer, vqaForm } from "../suites/edge.ts";
 
 /** One route's per-request numbers, ms. */
 export interface RouteCpu {
@@ -91,22 +91,9 @@ childMain(async () => {
     const url = String(input instanceof Request ? input.url : input);
     if (!url.endsWith(GENERATE_PATH)) return realFetch(input, init);
     const c0 = clock();
-    let requestId = "unknown";
-    let promptTokens = 0;
-    try {
-      const w = decodeWireRequest(init?.body as Uint8Array);
-      requestId = w.header.request_id;
-      promptTokens = w.inputIds.length;
-    } catch {
-      malformed++;
-    }
-    const usage = { prompt_tokens: promptTokens, image_tokens: 64, completion_tokens: 1 };
-    const res = new Response(
-      encodeEvent({ type: "start", request_id: requestId, prompt_tokens: promptTokens, image_tokens: 64, queue_ms: 0 }) +
-        encodeEvent({ type: "token", id: 32, text: "A" }) +
-        encodeEvent({ type: "done", finish_reason: "length", text: "A", usage, timings: { queue_ms: 0, vision_ms: 0, prefill_ms: 0, decode_ms: 0, backend_ms: 0 } }),
-      { status: 200, headers: { "content-type": WIRE_EVENTS_CONTENT_TYPE } },
-    );
+    const answer = backendDoubleAnswer(init?.body as Uint8Array);
+    if (answer.malformed) malformed++;
+    const res = new Response(answer.events, { status: 200, headers: { "content-type": WIRE_EVENTS_CONTENT_TYPE } });
     const c1 = clock();
     doubleCpu.proc += c1.proc - c0.proc;
     doubleCpu.thread += c1.thread - c0.thread;

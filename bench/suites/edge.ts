@@ -40,6 +40,35 @@ async function freePort(): Promise<number> {
   });
 }
 
+/**
+ * What the instant backend answers to a wire request body: start + one token + done, for the request's id and
+ * prompt length (decoded, so that a malformed request shows as `malformed`).
+ */
+export function backendDoubleAnswer(body: Uint8Array): { events: string; malformed: boolean } {
+  let requestId = "unknown";
+  let promptTokens = 0;
+  let malformed = false;
+  try {
+    const w = decodeWireRequest(body);
+    requestId = w.header.request_id;
+    promptTokens = w.inputIds.length;
+  } catch {
+    malformed = true;
+  }
+  const imageTokens = 64;
+  const events =
+    encodeEvent({ type: "start", request_id: requestId, prompt_tokens: promptTokens, image_tokens: imageTokens, queue_ms: 0 }) +
+    encodeEvent({ type: "token", id: 32, text: "A" }) +
+    encodeEvent({
+      type: "done",
+      finish_reason: "length",
+      text: "A",
+      usage: { prompt_tokens: promptTokens, image_tokens: imageTokens, completion_tokens: 1 },
+      timings: { queue_ms: 0, vision_ms: 0, prefill_ms: 0, decode_ms: 0, backend_ms: 0 },
+    });
+  return { events, malformed };
+}
+
 /** The instant backend: decodes the wire request (so malformed ones would show), answers start + 1 token + done. */
 export async function startBackendDouble(): Promise<{ url: string; served: () => number; bad: () => number; close: () => Promise<void> }> {
   let served = 0;
@@ -56,29 +85,11 @@ export async function startBackendDouble(): Promise<{ url: string; served: () =>
     const chunks: Buffer[] = [];
     req.on("data", (c: Buffer) => chunks.push(c));
     req.on("end", () => {
-      let requestId = "unknown";
-      let promptTokens = 0;
-      try {
-        const w = decodeWireRequest(new Uint8Array(Buffer.concat(chunks)));
-        requestId = w.header.request_id;
-        promptTokens = w.inputIds.length;
-      } catch {
-        bad++;
-      }
+      const answer = backendDoubleAnswer(new Uint8Array(Buffer.concat(chunks)));
+      if (answer.malformed) bad++;
       served++;
-      const imageTokens = 64;
       res.writeHead(200, { "content-type": WIRE_EVENTS_CONTENT_TYPE, [LOAD_HEADER]: "active=0;queued=0;capacity=8" });
-      res.end(
-        encodeEvent({ type: "start", request_id: requestId, prompt_tokens: promptTokens, image_tokens: imageTokens, queue_ms: 0 }) +
-          encodeEvent({ type: "token", id: 32, text: "A" }) +
-          encodeEvent({
-            type: "done",
-            finish_reason: "length",
-            text: "A",
-            usage: { prompt_tokens: promptTokens, image_tokens: imageTokens, completion_tokens: 1 },
-            timings: { queue_ms: 0, vision_ms: 0, prefill_ms: 0, decode_ms: 0, backend_ms: 0 },
-          }),
-      );
+      res.end(answer.events);
     });
   });
   const port = await freePort();

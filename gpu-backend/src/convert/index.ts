@@ -65,7 +65,8 @@ export const MANIFEST_FORMAT_VERSION = 1;
  * 1: fused RMSNorm/residual (`SimplifiedLayerNormalization`/`SkipSimplifiedLayerNormalization`), GQA without
  *    K/V copies, external data for quantized graphs, W8A8 vision (int4 default; int8 with `w8a8`), float LM
  *    head in vocabulary slices, the W8A8 decoder option, `converter.options` in the manifest.
- * 2: the decoder's q/k/v and gate/up projections as one MatMul each (`…q_proj+k_proj+v_proj.weight…`).
+ * 2: weight-only int8/int4 decoders compute q/k/v and gate/up as one MatMulNBits each
+ *    (`…self_attn.q_proj+k_proj+v_proj.weight_Q4`, `…mlp.gate_proj+up_proj.weight_Q4`).
  */
 export const CONVERTER_REVISION = 2;
 
