@@ -137,8 +137,19 @@ describe("tiny graph through onnxruntime", () => {
     const dir = mkdtempSync(join(tmp, "ext-"));
     const path = join(dir, "tiny.onnx");
     const reads = { n: 0 };
-    const res = await writeModel(path, tinyModel(w, reads), { externalData: true, externalMinBytes: 16, align: 64 });
+    const progress: [number, number][] = [];
+    const res = await writeModel(path, tinyModel(w, reads), {
+      externalData: true,
+      externalMinBytes: 16,
+      align: 64,
+      onProgress: (done, total) => progress.push([done, total]),
+    });
     expect(reads.n).toBe(1);
+    // Progress only grows, and the last report is complete even though the int64 constants stay inline.
+    const total = progress[0]![1];
+    expect(progress.map(([d]) => d)).toEqual([...progress.map(([d]) => d)].sort((a, b) => a - b));
+    expect(progress.at(-1)).toEqual([total, total]);
+    expect(progress.at(-2)![0]).toBeLessThan(total);
     expect(res.dataPath).toBe(`${path}_data`);
     // fc.weight (48 B) at 0, fc.bias (16 B) at 64; the int64 Slice constants (8 B) stay inline.
     expect(res.dataBytes).toBe(64 + 16);

@@ -120,7 +120,13 @@ export async function writeModel(path: string, model: ModelSpec, options: WriteM
   } finally {
     await fh.close();
   }
-  if (!external || refs.size === 0) return { modelPath: path, modelBytes: proto.byteLength, dataBytes: 0 };
+  // Small inline tensors travel inside the proto's byte chunks and are not counted above; the graph is
+  // whole now, so the last report always says so.
+  const finish = <T>(res: T): T => {
+    if (done !== totalInit) options.onProgress?.(totalInit, totalInit);
+    return res;
+  };
+  if (!external || refs.size === 0) return finish({ modelPath: path, modelBytes: proto.byteLength, dataBytes: 0 });
 
   const dh = await open(dataPath, "w");
   try {
@@ -141,5 +147,5 @@ export async function writeModel(path: string, model: ModelSpec, options: WriteM
   } finally {
     await dh.close();
   }
-  return { modelPath: path, modelBytes: proto.byteLength, dataPath, dataBytes };
+  return finish({ modelPath: path, modelBytes: proto.byteLength, dataPath, dataBytes });
 }
