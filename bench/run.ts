@@ -8,26 +8,28 @@
  *                and transformers.js on our fp32 files as the ratio ours/theirs
  *   bandwidth    memory read bandwidth, and each dtype's decode speed as a fraction of bandwidth / decoder bytes
  *   concurrency  aggregate decode tok/s and TTFT with 1, 2, 4, 8 simultaneous requests (BatchingEngine)
+ *   kv           the decode step with the append KV contract vs the onnx-community one (both graphs of one
+ *                folder, interleaved) per context length and batch size; default variant int4
  *   edge         the worker under `wrangler dev` against an instant backend double: req/s, p50/p99, cold start,
  *                tokenizer heap (proxy for isolate memory)
  *   all          every suite above, in that order
  *
  * Options: --dtypes fp32,int8,int4,int8-w8a8 (also fp16)  --runs 3  --tokens 32  --threads 2  --quick  --cache /tmp/medvlm-bench-cache
  *          --results-dir bench/results  --levels 1,2,4,8  --max-batch 8  --rounds 1  --requests 300  --clients 8
- *          --bandwidth-mib 1024  --no-tjs  --child-timeout 900  --drop-checkpoint
+ *          --bandwidth-mib 1024  --contexts 300,1024,2048  --kv-rows 1,8  --no-tjs  --child-timeout 900  --drop-checkpoint
  * Each suite prints a table and writes bench/results/<suite>-<timestamp>.json (with machine info).
  */
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { ALL_DTYPES, BENCH_DIR, DEFAULT_CACHE, DEFAULT_DTYPES, type BenchOptions, type Dtype, log } from "./lib/common.ts";
 
-export const SUITES = ["models", "single", "bandwidth", "concurrency", "edge"] as const;
+export const SUITES = ["models", "single", "bandwidth", "concurrency", "kv", "edge"] as const;
 export type Suite = (typeof SUITES)[number];
 
 const USAGE =
-  "usage: npm run bench -- <models|single|bandwidth|concurrency|edge|all> [--dtypes fp32,int8,int4,int8-w8a8] [--runs N] [--tokens N] [--threads N]\n" +
+  "usage: npm run bench -- <models|single|bandwidth|concurrency|kv|edge|all> [--dtypes fp32,int8,int4,int8-w8a8] [--runs N] [--tokens N] [--threads N]\n" +
   "       [--quick] [--cache DIR] [--results-dir DIR] [--levels 1,2,4,8] [--max-batch N] [--rounds N] [--requests N] [--clients N]\n" +
-  "       [--bandwidth-mib N] [--no-tjs] [--child-timeout S] [--drop-checkpoint]";
+  "       [--bandwidth-mib N] [--contexts 300,1024,2048] [--kv-rows 1,8] [--no-tjs] [--child-timeout S] [--drop-checkpoint]";
 
 export class UsageError extends Error {}
 
@@ -51,6 +53,8 @@ export function parseBenchArgs(argv: string[]): { suites: Suite[]; opts: BenchOp
         requests: { type: "string" },
         clients: { type: "string" },
         "bandwidth-mib": { type: "string" },
+        contexts: { type: "string" },
+        "kv-rows": { type: "string" },
         "no-tjs": { type: "boolean", default: false },
         "child-timeout": { type: "string" },
         "drop-checkpoint": { type: "boolean", default: false },
@@ -92,6 +96,10 @@ export function parseBenchArgs(argv: string[]): { suites: Suite[]; opts: BenchOp
     requests: int("requests", v.requests, quick ? 20 : 300),
     clients: int("clients", v.clients, quick ? 2 : 8),
     bandwidthMiB: int("bandwidth-mib", v["bandwidth-mib"], quick ? 64 : 1024),
+    // kv loads both decoders of a folder at once: int4 unless --dtypes names others (two fp32 models: ~18 GB).
+    kvDtypes: v.dtypes === undefined ? ["int4"] : dtypes,
+    contexts: (v.contexts ?? (quick ? "40,100" : "300,1024,2048")).split(",").map((s) => int("contexts", s, 1)),
+    kvRows: (v["kv-rows"] ?? (quick ? "1,2" : "1,8")).split(",").map((s) => int("kv-rows", s, 1)),
     noTjs: v["no-tjs"],
     childTimeoutS: int("child-timeout", v["child-timeout"], 900),
     dropCheckpoint: v["drop-checkpoint"],
@@ -118,6 +126,9 @@ export async function runBench(argv: string[]): Promise<string[]> {
         break;
       case "concurrency":
         r = await (await import("./suites/concurrency.ts")).concurrencySuite(opts);
+        break;
+      case "kv":
+        r = await (await import("./suites/kv.ts")).kvSuite(opts);
         break;
       case "edge":
         r = await (await import("./suites/edge.ts")).edgeSuite(opts);

@@ -3,8 +3,8 @@
  *
  *   npx tsx scripts/convert.ts --model <folder|hub id> --out <folder> [--dtype fp32|fp16|int8|int4]
  *       [--block-size 32|128] [--symmetric] [--accuracy-level 0..4] [--no-quantize-lm-head] [--w8a8]
- *       [--vision-int8 | --no-vision-int8] [--full-logits] [--external-data auto|always|never]
- *       [--hash-files] [--overwrite]
+ *       [--vision-int8 | --no-vision-int8] [--full-logits] [--no-append-decoder]
+ *       [--external-data auto|always|never] [--hash-files] [--overwrite]
  *
  * --w8a8 (with --dtype int8 only): the decoder layers as W8A8 integer GEMMs (MatMulInteger: int8 weights per
  * output feature, int8 activations per token) instead of weight-only MatMulNBits: faster prefill (time to first
@@ -12,6 +12,8 @@
  * --vision-int8 / --no-vision-int8: the vision encoder's blocks as W8A8 integer GEMMs (int8 weights per output
  * feature, int8 activations per token) or float32. Default: W8A8 for int4 and for int8 --w8a8. fp16 has no
  * W8A8 vision.
+ * --no-append-decoder: skip decoder_model_append.onnx (the decoder with the engine's in-place KV cache; it
+ * shares the weights' data file with decoder_model_merged.onnx) and write only the onnx-community layout.
  *
  * A progress bar on a TTY, one summary line otherwise. Exit status 0 on success, 1 when the conversion fails
  * (the message names the tensor/file/setting; nothing is left half-written), 2 for usage errors.
@@ -24,11 +26,13 @@ import { CONVERT_DTYPES, type ConvertDtype, ConvertError, type ConvertOptions, c
 const USAGE =
   "usage: npx tsx scripts/convert.ts --model <folder|hub id> --out <folder> [--dtype fp32|fp16|int8|int4] " +
   "[--block-size N] [--symmetric] [--accuracy-level 0..4] [--no-quantize-lm-head] [--w8a8] " +
-  "[--vision-int8 | --no-vision-int8] [--full-logits] [--external-data auto|always|never] [--hash-files] [--overwrite]\n" +
+  "[--vision-int8 | --no-vision-int8] [--full-logits] [--no-append-decoder] [--external-data auto|always|never] [--hash-files] [--overwrite]\n" +
   "  --w8a8                           --dtype int8 only: decoder layers as W8A8 int8 GEMMs (MatMulInteger, int8 activations " +
   "per token) instead of MatMulNBits: faster prefill/time to first token; LM head stays MatMulNBits int8; vision W8A8 by default\n" +
   "  --vision-int8, --no-vision-int8  vision encoder blocks as W8A8 int8 GEMMs, or float32 " +
-  "(default: int8 vision for --dtype int4 and for --dtype int8 --w8a8; not available for fp16)";
+  "(default: int8 vision for --dtype int4 and for --dtype int8 --w8a8; not available for fp16)\n" +
+  "  --no-append-decoder              write only the onnx-community graphs, not decoder_model_append.onnx (the engine's " +
+  "in-place KV cache decoder, which it prefers; it shares the decoder's weight data)";
 
 /** Runs the converter CLI on `argv` (without node/script); returns the exit status. */
 export async function runConvertCli(argv: string[], io: CliIO = processIO): Promise<number> {
@@ -48,6 +52,7 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
       "vision-int8": { type: "boolean", default: false },
       "no-vision-int8": { type: "boolean", default: false },
       "full-logits": { type: "boolean", default: false },
+      "no-append-decoder": { type: "boolean", default: false },
       "external-data": { type: "string", default: "auto" },
       "hash-files": { type: "boolean", default: false },
       overwrite: { type: "boolean", default: false },
@@ -87,6 +92,7 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
       dtype,
       quant,
       lastLogitsOnly: !values["full-logits"],
+      appendDecoder: !values["no-append-decoder"],
       quantizeLmHead: !values["no-quantize-lm-head"],
       ...(values.w8a8 ? { w8a8: true } : {}),
       ...(visionInt8 !== undefined ? { visionInt8 } : {}),

@@ -56,6 +56,10 @@ export interface BenchOptions {
   clients: number;
   /** bandwidth suite: buffer size in MiB and repetitions */
   bandwidthMiB: number;
+  /** kv suite: variants (int4 unless --dtypes is given), past lengths and batch sizes */
+  kvDtypes: Dtype[];
+  contexts: number[];
+  kvRows: number[];
   /** skip the transformers.js comparison in `single` */
   noTjs: boolean;
   /** per-child timeout in seconds */

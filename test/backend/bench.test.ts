@@ -31,7 +31,9 @@ describe("bench (quick, tiny model)", () => {
     const { suites, opts } = parseBenchArgs(["single", "--dtypes", "fp32,int4", "--runs", "3", "--tokens", "32", "--threads", "2"]);
     expect(suites).toEqual(["single"]);
     expect(opts).toMatchObject({ dtypes: ["fp32", "int4"], runs: 3, tokens: 32, threads: 2, quick: false });
-    expect(parseBenchArgs(["all", "--quick"]).suites).toEqual(["models", "single", "bandwidth", "concurrency", "edge"]);
+    expect(parseBenchArgs(["all", "--quick"]).suites).toEqual(["models", "single", "bandwidth", "concurrency", "kv", "edge"]);
+    expect(parseBenchArgs(["kv"]).opts).toMatchObject({ kvDtypes: ["int4"], contexts: [300, 1024, 2048], kvRows: [1, 8] });
+    expect(parseBenchArgs(["kv", "--dtypes", "int8", "--contexts", "64"]).opts).toMatchObject({ kvDtypes: ["int8"], contexts: [64] });
     expect(() => parseBenchArgs(["nope"])).toThrow(UsageError);
     expect(() => parseBenchArgs(["single", "--dtypes", "int3"])).toThrow(UsageError);
     expect(() => parseBenchArgs(["single", "--tokens", "1"])).toThrow(UsageError);
@@ -125,6 +127,22 @@ describe("bench (quick, tiny model)", () => {
       expect(positive(l.aggregate_decode_tok_s) && positive(l.probe_ttft_ms)).toBe(true);
       expect(l.ttft_ms).toHaveLength(l.level);
     }
+  }, 240_000);
+
+  it("kv: both decoder graphs of one folder, step by step, per context and batch size", async () => {
+    const [file] = await runBench(["kv", ...common]);
+    const r = readResult(file!);
+    expectMachine(r);
+    expect(r.failures).toEqual({});
+    const points = r.results[0].points;
+    expect(points.map((p: { rows: number; context: number }) => [p.rows, p.context])).toEqual([[1, 40], [1, 100], [2, 40], [2, 100]]);
+    for (const p of points) {
+      expect(p.append_steps_ms).toHaveLength(2);
+      expect(p.present_steps_ms).toHaveLength(2);
+      expect(positive(p.append_ms) && positive(p.present_ms) && positive(p.speedup)).toBe(true);
+    }
+    // tiny-a: 2 layers × K/V × 2 KV heads × 16 dims × 4 bytes per position and row.
+    expect(points[3].cache_bytes).toBe(2 * 2 * 2 * 100 * 2 * 16 * 4);
   }, 240_000);
 
   it("edge: wrangler dev against the backend double", async () => {

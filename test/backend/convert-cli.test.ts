@@ -47,13 +47,18 @@ describe("convert CLI", () => {
   it("converts (non-TTY: one summary line, no progress) with quantization options", async () => {
     const out = join(tmp, "int8");
     const o = io(false);
-    expect(await runConvertCli(["--model", TINY, "--out", out, "--dtype", "int8", "--block-size", "64", "--accuracy-level", "0"], o)).toBe(0);
+    expect(await runConvertCli(["--model", TINY, "--out", out, "--dtype", "int8", "--block-size", "64", "--accuracy-level", "0", "--no-append-decoder"], o)).toBe(0);
     expect(o.err).toBe("");
     expect(o.out.split("\n").filter(Boolean)).toHaveLength(1);
     expect(o.out).toMatch(/^converted .* \(int8, 8-bit block 64\) in [\d.]+ s: vision_encoder\.onnx .*decoder_model_merged\.onnx/);
     const m = JSON.parse(readFileSync(join(out, "manifest.json"), "utf8"));
     expect(m.quantization).toMatchObject({ method: "MatMulNBits", bits: 8, blockSize: 64, accuracyLevel: 0, symmetric: false });
     expect(m.converter.opset).toEqual({ "": 17, "com.microsoft": 1 });
+    // --no-append-decoder: the onnx-community layout only.
+    expect(m.converter.options.append_decoder).toBe(false);
+    expect(m.graphs.decoder_model_append).toBeUndefined();
+    expect(existsSync(join(out, "decoder_model_append.onnx"))).toBe(false);
+    expect(existsSync(join(out, "decoder_model_merged.onnx"))).toBe(true);
   });
 
   it("draws a progress bar on a TTY", async () => {

@@ -141,6 +141,11 @@ describe("quantized and fp16 conversions against the golden decodes", () => {
     expect(inLayers.filter((n) => n.opType === "MatMulNBits")).toHaveLength(4 * layers);
     expect(inLayers.filter((n) => n.opType === "MatMulNBits" && /q_proj\+k_proj\+v_proj|gate_proj\+up_proj/.test(n.name))).toHaveLength(2 * layers);
     expect(r.decoderBytes).toBeLessThan(7e6);
+    // The append decoder (quantized, so external data) points into the merged decoder's data file.
+    const m = JSON.parse(readFileSync(join(tmp, "int4", "manifest.json"), "utf8"));
+    expect(m.graphs.decoder_model_append).toMatchObject({ data_file: "decoder_model_merged.onnx_data" });
+    expect(existsSync(join(tmp, "int4", "decoder_model_append.onnx_data"))).toBe(false);
+    expect(onnxNodes(readFileSync(join(tmp, "int4", "decoder_model_append.onnx"))).filter((n) => n.opType === "MatMulNBits")).toHaveLength(4 * layers + 1);
     // Regression guards around the measured values (4-bit on a 64-wide random model is coarse).
     expect(r.stepMaxAbs).toBeLessThan(0.6);
     expect(r.greedyTop1 / r.greedySteps).toBeGreaterThanOrEqual(0.9);

@@ -6,6 +6,7 @@ import { createHash } from "node:crypto";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import * as ort from "onnxruntime-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { convertModel, type ConvertManifest } from "../../gpu-backend/src/convert/index.ts";
 import { GOLDEN_DIR, type GoldenCase, loadGoldenCases, loadGoldenF32 } from "../support/golden.ts";
@@ -35,6 +36,7 @@ describe("fp32 conversion of tiny-a", () => {
       [
         "chat_template.json",
         "config.json",
+        "decoder_model_append.onnx",
         "decoder_model_merged.onnx",
         "embed_tokens.onnx",
         "generation_config.json",
@@ -84,6 +86,12 @@ describe("fp32 conversion of tiny-a", () => {
     ]);
     expect(dec.outputs.map((o) => o.name)).toEqual(["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]);
     expect(dec.outputs[0]!.shape).toEqual(["batch_size", 1, 151936]);
+    // The engine's decoder: the same inputs, only the new tokens' K/V out.
+    const app = manifest.graphs.decoder_model_append!;
+    expect(app.inputs).toEqual(dec.inputs);
+    expect(app.outputs.map((o) => o.name)).toEqual(["logits", "new_key_values.0.key", "new_key_values.0.value", "new_key_values.1.key", "new_key_values.1.value"]);
+    expect(app.outputs[1]!.shape).toEqual(["batch_size", 2, "sequence_length", 16]);
+    expect(manifest.converter.options.append_decoder).toBe(true);
     expect(manifest.graphs.vision_encoder.inputs).toEqual([
       { name: "pixel_values", type: "float32", shape: ["num_patches", 1176] },
       { name: "grid_thw", type: "int64", shape: ["num_images", 3] },
@@ -157,6 +165,58 @@ describe("fp32 conversion of tiny-a", () => {
         expect(topK(row, 5), `${c.case} step ${k}`).toEqual(golden.map(([id]) => id));
         for (const [id, value] of golden) expect(Math.abs(row[id]! - value)).toBeLessThanOrEqual(TOL);
       }
+    }
+  });
+
+  it("the append decoder: the merged one's logits over a cache buffer with masked padding and spare slots; its K/V out are the present's new rows", async () => {
+    const c = cases.find((x) => x.case === "case_06")!; // with an image
+    const S = c.seq_len;
+    const { layers, kvHeads: kv, headDim: hd, hidden: H } = model;
+    const app = await ort.InferenceSession.create(join(tmp, "fp32", "decoder_model_append.onnx"), { intraOpNumThreads: 1 });
+    try {
+      const i64 = (v: number[], dims: number[]) => new ort.Tensor("int64", BigInt64Array.from(v.map(BigInt)), dims);
+      const run = (embeds: Float32Array, seq: number, mask: number[], pos: number[], past: Record<string, ort.Tensor>) =>
+        app.run({ inputs_embeds: new ort.Tensor("float32", embeds, [1, seq, H]), attention_mask: i64(mask, [1, mask.length]), position_ids: i64(pos, [3, 1, seq]), ...past });
+      const names = Array.from({ length: layers }, (_, i) => ["key", "value"].map((kind) => `${i}.${kind}`)).flat();
+      // Prefill from an empty cache: the same logits, and new_key_values = present.
+      const embeds = await model.promptEmbeds(c);
+      const ref = await model.decode(embeds, 1, S, new Array(S).fill(1), c.position_ids.flat(), model.emptyPast(1));
+      const pre = await run(embeds, S, new Array(S).fill(1), c.position_ids.flat(), model.emptyPast(1));
+      expect(maxAbsDiff(pre.logits!.data as Float32Array, ref.logits)).toBeLessThanOrEqual(1e-5);
+      for (const n of names) {
+        expect(pre[`new_key_values.${n}`]!.dims).toEqual([1, kv, S, hd]);
+        // Layer 0's K/V are the same ops on the same inputs; later layers see attention summed in another order.
+        expect(maxAbsDiff(pre[`new_key_values.${n}`]!.data as Float32Array, ref.present[`past_key_values.${n}`]!.data as Float32Array), n).toBeLessThanOrEqual(n.startsWith("0.") ? 0 : 1e-5);
+      }
+      // One decode step over a buffer of C slots: 2 of left padding, the prompt, 3 spare — the masked slots hold
+      // large finite junk that must get exactly zero weight.
+      const C = 2 + S + 3;
+      const past: Record<string, ort.Tensor> = {};
+      for (const n of names) {
+        const buf = new Float32Array(kv * C * hd).fill(-3.25);
+        const src = ref.present[`past_key_values.${n}`]!.data as Float32Array;
+        for (let h = 0; h < kv; h++) {
+          buf.fill(7.5e3, h * C * hd, (h * C + 2) * hd);
+          buf.set(src.subarray(h * S * hd, (h + 1) * S * hd), (h * C + 2) * hd);
+        }
+        past[`past_key_values.${n}`] = new ort.Tensor("float32", buf, [1, kv, C, hd]);
+      }
+      const tok = await model.embedTokens([c.forced_decode.forced_ids[0]!], 1);
+      const pos = S + c.rope_deltas;
+      const mask = [0, 0, ...new Array(S).fill(1), 0, 0, 0, 1];
+      const step = await run(tok, 1, mask, [pos, pos, pos], past);
+      const refStep = await model.decode(tok, 1, 1, new Array(S + 1).fill(1), [pos, pos, pos], ref.present);
+      const logits = step.logits!.data as Float32Array;
+      expect(maxAbsDiff(logits, refStep.logits)).toBeLessThanOrEqual(1e-5);
+      expect(topK(logits, 5)).toEqual(c.forced_decode.steps[1]!.top5.map(([id]) => id));
+      for (const [id, value] of c.forced_decode.steps[1]!.top5) expect(Math.abs(logits[id]! - value)).toBeLessThanOrEqual(TOL);
+      for (const n of names) {
+        const present = refStep.present[`past_key_values.${n}`]!.data as Float32Array;
+        const fresh = step[`new_key_values.${n}`]!.data as Float32Array;
+        for (let h = 0; h < kv; h++) expect(maxAbsDiff(fresh.subarray(h * hd, (h + 1) * hd), present.subarray((h * (S + 1) + S) * hd, (h + 1) * (S + 1) * hd)), n).toBeLessThanOrEqual(1e-5);
+      }
+    } finally {
+      await app.release();
     }
   });
 
@@ -252,11 +312,17 @@ describe("variants", () => {
   it("external data: every graph's tensors in <graph>.onnx_data, same numbers", async () => {
     const dir = join(tmp, "ext");
     const res = await convertModel({ model: TINY, outDir: dir, dtype: "fp32", externalData: true });
-    for (const g of Object.values(res.manifest.graphs)) {
+    const { decoder_model_append: app, ...layout } = res.manifest.graphs;
+    for (const g of Object.values(layout)) {
       expect(g.data_file).toBe(`${g.file}_data`);
       expect(existsSync(join(dir, g.data_file!))).toBe(true);
       expect(g.bytes).toBeLessThan(200_000); // only structure stays in the .onnx
     }
+    // The append decoder points into the merged decoder's data file: the weights are on disk once.
+    expect(app).toMatchObject({ file: "decoder_model_append.onnx", data_file: "decoder_model_merged.onnx_data" });
+    expect(app!.data_bytes).toBeUndefined();
+    expect(app!.bytes).toBeLessThan(200_000);
+    expect(existsSync(join(dir, "decoder_model_append.onnx_data"))).toBe(false);
     const ext = await QwenOnnx.load(dir, res.manifest.decoder);
     try {
       const c = cases.find((x) => x.case === "case_06")!;

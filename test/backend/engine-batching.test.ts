@@ -59,8 +59,10 @@ function collect(engine: BatchingEngine, req: EngineRequest, onEvent?: (ev: Engi
 const tokenIds = (events: EngineEvent[]) => events.flatMap((e) => (e.type === "token" ? [e.id] : []));
 
 describe("BatchingEngine", () => {
-  it("six concurrent requests (batch 4) each reproduce the golden greedy ids", async () => {
-    const engine = new BatchingEngine(model, { maxBatch: 4 });
+  it.each(["append", "present"] as const)("six concurrent requests (batch 4) each reproduce the golden greedy ids (%s KV contract)", async (kv) => {
+    const m = kv === model.kvCache ? model : await loadModel(join(work, "onnx"), { intraOpThreads: 2, kvCache: kv });
+    expect(m.kvCache).toBe(kv);
+    const engine = new BatchingEngine(m, { maxBatch: 4 });
     let maxActive = 0;
     const runs = cases.map((c, i) => collect(engine, requestFor(c, `r${i}`), () => (maxActive = Math.max(maxActive, engine.stats().active))));
     const results = await Promise.all(runs);
@@ -75,6 +77,7 @@ describe("BatchingEngine", () => {
     expect(maxActive).toBe(4); // sequences really shared decode steps
     expect(engine.stats()).toMatchObject({ active: 0, queued: 0 });
     await engine.close();
+    if (m !== model) await releaseModel(m);
   });
 
   it("cancel silences a request at once and frees its slot", async () => {

@@ -66,6 +66,42 @@ describe.each(cases.map((c) => [c.case, c] as const))("%s", (_name, c) => {
   });
 });
 
+describe("the onnx-community decoder (present.* KV contract, as other exporters write it)", () => {
+  let m: LoadedModel;
+  let dir: string;
+  beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), "engine-present-"));
+    // A folder without decoder_model_append.onnx: the engine falls back to decoder_model_merged.onnx.
+    m = await loadModel(await buildTinyModel(dir, "fp32", { appendDecoder: false }), { intraOpThreads: 2 });
+  }, 120_000);
+  afterAll(async () => {
+    if (m) await releaseModel(m);
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("is what the engine loads without the append graph (which our converter writes and the engine prefers)", async () => {
+    expect(model.kvCache).toBe("append");
+    expect(m.kvCache).toBe("present");
+    await expect(loadModel(join(dir, "onnx"), { kvCache: "append" })).rejects.toMatchObject({ name: "EngineLoadError", code: "bad_model" });
+  });
+
+  it("reproduces the golden greedy ids and teacher-forced top-5 logits for every case", async () => {
+    let worst = 0;
+    for (const c of cases) {
+      const prompt = await buildPrompt(m, createTokenizer(m), c.messages as ChatMessage[], GOLDEN_DIR);
+      const greedy = await runGeneration(m, prompt, { ...DEFAULT_PARAMS, max_new_tokens: c.generated_ids.length });
+      expect(greedy.generatedIds, c.case).toEqual(c.generated_ids);
+      const forced = await runGeneration(m, prompt, DEFAULT_PARAMS, { forcedIds: c.forced_decode.forced_ids, topK: 5 });
+      forced.steps.forEach((s, k) => {
+        const want = c.forced_decode.steps[k]!.top5;
+        expect(s.top5.map((p) => p[0]), `${c.case} step ${k}`).toEqual(want.map((p) => p[0]));
+        for (let i = 0; i < 5; i++) worst = Math.max(worst, Math.abs(s.top5[i]![1] - want[i]![1]));
+      });
+    }
+    expect(worst).toBeLessThanOrEqual(1e-4);
+  }, 120_000);
+});
+
 describe("npm run generate", () => {
   it("--json prints one line with the case's ids, positions and greedy ids", () => {
     const c = cases[0]!;

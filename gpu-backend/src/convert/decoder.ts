@@ -15,6 +15,14 @@
  * float32 graphs fuse each RMSNorm (and the residual add before it) into ONNX Runtime's
  * `SimplifiedLayerNormalization` / `com.microsoft.SkipSimplifiedLayerNormalization` kernels; `present.*` are
  * the KV Concat outputs themselves, and grouped-query attention reads K/V without copying them.
+ *
+ * The same model with the engine's own KV contract (`kvCache: "append"`, `decoder_model_append.onnx`): the
+ * past is a cache buffer of any number of slots, C (the filled ones, and left padding or spare capacity masked
+ * out by `attention_mask` [batch, C+seq]), and the outputs are only the new tokens' K/V,
+ * `new_key_values.{i}.key` / `.value` [batch, kv_heads, seq, head_dim], which the caller writes into its
+ * buffer. Attention scores the queries against the buffer and against the new keys separately and joins the
+ * scores ([…, C+seq], a few kB); nothing copies the cache, whose `Concat` in the layout above costs a full read
+ * and write of it per layer and step (the larger part of attention at long contexts and in batches).
  */
 import type { Qwen2VLConfig } from "../checkpoint/config.ts";
 import type { Value } from "../onnx/index.ts";
@@ -55,7 +63,16 @@ export interface DecoderOptions {
    * {@link LM_HEAD_SLICE_BYTES}; 0 = never split. A quantized LM head (MatMulNBits) stays one node.
    */
   lmHeadSliceBytes?: number;
+  /**
+   * The KV-cache contract: `"present"` (default) — the onnx-community layout, `past_key_values.*` in and
+   * `present.*` (past + new) out; `"append"` — the past is a masked buffer of spare capacity and only the new
+   * tokens' K/V come out, as `new_key_values.*` (see the module comment).
+   */
+  kvCache?: KvCacheContract;
 }
+
+/** The decoder's KV-cache I/O contract (see {@link DecoderOptions.kvCache}). */
+export type KvCacheContract = "present" | "append";
 
 /**
  * Default largest float LM-head slice. ONNX Runtime holds a constant MatMul weight and its prepacked copy
@@ -139,8 +156,11 @@ function projections(e: ModuleEmitter, x: Value, modules: string[], opts: Linear
   return e.quant !== undefined && !w8a8 ? e.linears(x, modules, opts) : modules.map((m) => e.linear(x, m, opts));
 }
 
-/** `model.layers.N.self_attn`; returns the attention output and the present key/value. */
-function selfAttention(e: ModuleEmitter, x: Value, i: number, cfg: DecoderConfig, at: AttentionInputs, pastK: Value, pastV: Value, w8a8: boolean) {
+/**
+ * `model.layers.N.self_attn`; returns the attention output and the layer's K/V outputs: `present.{i}.*`
+ * (past + new), or with `append` only the new tokens' `new_key_values.{i}.*`.
+ */
+function selfAttention(e: ModuleEmitter, x: Value, i: number, cfg: DecoderConfig, at: AttentionInputs, pastK: Value, pastV: Value, w8a8: boolean, append: boolean) {
   const g = e.g;
   const p = `model.layers.${i}.self_attn`;
   const nH = cfg.num_attention_heads;
@@ -153,22 +173,38 @@ function selfAttention(e: ModuleEmitter, x: Value, i: number, cfg: DecoderConfig
     const heads = (t: Value, n: number) => g.op("Transpose", [g.op("Reshape", [t, g.i64([0, 0, n, hd])])], { perm: [0, 2, 1, 3] });
     const qr = e.rotary(heads(q, nH), at.cos, at.sin, hd);
     const kr = e.rotary(heads(k, kvH), at.cos, at.sin, hd);
-    // Named as the graph outputs: no Identity copy of the whole cache per layer and step.
-    const [presentK] = g.node("Concat", [pastK, kr], { axis: 2 }, { outputs: [`present.${i}.key`] }) as [Value];
-    const [presentV] = g.node("Concat", [pastV, heads(v, kvH)], { axis: 2 }, { outputs: [`present.${i}.value`] }) as [Value];
+    const vh = heads(v, kvH);
     // GQA without copying K/V: the query heads of each KV head as one [groups·S, hd] matrix against that
     // head's K/V ([B, kvH, T, hd], used as they are — K's transpose folds into the MatMul).
     const qg = g.op("Reshape", [qr, g.i64([0, kvH, -1, hd])]); // [B,kvH,groups·S,hd]
-    const kt = g.op("Transpose", [presentK], { perm: [0, 1, 3, 2] });
-    const scores = g.op("Div", [g.op("MatMul", [qg, kt]), e.constant([Math.sqrt(hd)], [])]);
-    const probs = e.fromF32(g.op("Softmax", [g.op("Add", [e.toF32(scores), at.bias])], { axis: -1 }));
-    const ctx = g.op("MatMul", [probs, presentV]); // [B,kvH,groups·S,hd]
+    const scoresOf = (keys: Value) => g.op("MatMul", [qg, g.op("Transpose", [keys], { perm: [0, 1, 3, 2] })]);
+    const softmax = (raw: Value) => {
+      const scores = g.op("Div", [raw, e.constant([Math.sqrt(hd)], [])]);
+      return e.fromF32(g.op("Softmax", [g.op("Add", [e.toF32(scores), at.bias])], { axis: -1 }));
+    };
+    let ctx: Value; // [B,kvH,groups·S,hd]
+    let kvOut: [Value, Value];
+    if (append) {
+      // Keys are [C cache slots | S new]: the scores side by side, the context as the sum of both parts.
+      const probs = softmax(g.op("Concat", [scoresOf(pastK), scoresOf(kr)], { axis: -1 }));
+      const C = g.op("Shape", [pastK], { start: 2, end: 3 });
+      const cached = g.op("MatMul", [g.op("Slice", [probs, g.i64([0]), C, g.i64([-1])]), pastV]);
+      const fresh = g.op("MatMul", [g.op("Slice", [probs, C, g.i64([Number.MAX_SAFE_INTEGER]), g.i64([-1])]), vh]);
+      ctx = g.op("Add", [cached, fresh]);
+      kvOut = [kr, vh];
+    } else {
+      // Named as the graph outputs: no Identity copy of the whole cache per layer and step.
+      const [presentK] = g.node("Concat", [pastK, kr], { axis: 2 }, { outputs: [`present.${i}.key`] }) as [Value];
+      const [presentV] = g.node("Concat", [pastV, vh], { axis: 2 }, { outputs: [`present.${i}.value`] }) as [Value];
+      ctx = g.op("MatMul", [softmax(scoresOf(presentK)), presentV]);
+      kvOut = [presentK, presentV];
+    }
     const merged = g.op("Reshape", [
       g.op("Transpose", [g.op("Reshape", [ctx, g.i64([0, nH, -1, hd])])], { perm: [0, 2, 1, 3] }),
       g.i64([0, 0, nH * hd]),
     ]);
     const out = e.linear(merged, `${p}.o_proj`, { bias: false, ...lin });
-    return { out, presentK, presentV };
+    return { out, kv: kvOut };
   });
 }
 
@@ -222,12 +258,13 @@ export function buildDecoder(e: ModuleEmitter, cfg: DecoderConfig, opts: Decoder
     pending = null;
     return r.normed;
   };
-  const presents: Array<[Value, Value]> = [];
+  const append = (opts.kvCache ?? "present") === "append";
+  const kvOuts: Array<[Value, Value]> = [];
   for (let i = 0; i < cfg.num_hidden_layers; i++) {
     const p = `model.layers.${i}`;
     const normed = addNorm(`${p}.input_layernorm`, `model.layers.${i - 1}`);
-    const attn = selfAttention(e, normed, i, cfg, at, pastKV[i]![0], pastKV[i]![1], opts.w8a8 ?? false);
-    presents.push([attn.presentK, attn.presentV]);
+    const attn = selfAttention(e, normed, i, cfg, at, pastKV[i]![0], pastKV[i]![1], opts.w8a8 ?? false, append);
+    kvOuts.push(attn.kv);
     pending = attn.out;
     const normed2 = addNorm(`${p}.post_attention_layernorm`, p);
     pending = mlp(e, normed2, i, cfg, opts.w8a8 ?? false);
@@ -244,9 +281,10 @@ export function buildDecoder(e: ModuleEmitter, cfg: DecoderConfig, opts: Decoder
     ...(cfg.tie_word_embeddings ? { weight: "model.embed_tokens.weight" } : {}),
   });
   g.output(logits, "logits", e.float, [batch, lastOnly ? 1 : seq, cfg.vocab_size]);
-  presents.forEach(([k, v], i) => {
-    const shape = [batch, cfg.num_key_value_heads, total, cfg.head_dim];
-    g.output(k, `present.${i}.key`, e.float, shape);
-    g.output(v, `present.${i}.value`, e.float, shape);
+  const [prefix, len] = append ? ["new_key_values", seq] : ["present", total];
+  kvOuts.forEach(([k, v], i) => {
+    const shape = [batch, cfg.num_key_value_heads, len, cfg.head_dim];
+    g.output(k, `${prefix}.${i}.key`, e.float, shape);
+    g.output(v, `${prefix}.${i}.value`, e.float, shape);
   });
 }

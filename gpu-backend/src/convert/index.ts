@@ -4,6 +4,9 @@
  *   vision_encoder.onnx        pixel_values, grid_thw → image_features
  *   embed_tokens.onnx          input_ids → inputs_embeds
  *   decoder_model_merged.onnx  inputs_embeds, attention_mask, position_ids, past_key_values.* → logits, present.*
+ *   decoder_model_append.onnx  the same decoder with the engine's KV contract (past = a masked cache buffer,
+ *                              outputs logits, new_key_values.*: no per-step copy of the cache), sharing
+ *                              decoder_model_merged.onnx_data when that graph has external data
  *   <graph>.onnx_data          external tensor data, when a graph exceeds protobuf's 2 GiB (or when asked)
  *   config.json, generation_config.json, preprocessor_config.json, tokenizer.json, tokenizer_config.json,
  *   chat_template.json         copied from the checkpoint when present (preprocessor_config.json with
@@ -21,7 +24,7 @@ import { copyFile, mkdir, open, readFile, rename, rm, stat, writeFile } from "no
 import { basename, join, resolve } from "node:path";
 import { withImageProcessorDefaults } from "../../../shared/src/model-meta.ts";
 import { type Qwen2VLConfig, type ResolveOptions, loadQwen2VLCheckpoint } from "../checkpoint/index.ts";
-import { DEFAULT_OPSET, GraphBuilder, IR_VERSION, type ModelSpec, type ValueInfoSpec, writeModel } from "../onnx/index.ts";
+import { DEFAULT_OPSET, GraphBuilder, IR_VERSION, type ModelSpec, type ValueInfoSpec, type WriteModelResult, writeModel } from "../onnx/index.ts";
 import { type BuildOptions, CONVERT_DTYPES, type ConvertDtype, ConvertError, ModuleEmitter, type TensorSource, floatTypeOf, quantConfigFor } from "./common.ts";
 import { LM_HEAD_SLICE_BYTES, buildDecoder } from "./decoder.ts";
 import { buildEmbedTokens } from "./embed.ts";
@@ -38,10 +41,14 @@ export const GRAPHS = {
   vision_encoder: { file: "vision_encoder.onnx", version: 1 },
   embed_tokens: { file: "embed_tokens.onnx", version: 1 },
   decoder_model_merged: { file: "decoder_model_merged.onnx", version: 1 },
+  decoder_model_append: { file: "decoder_model_append.onnx", version: 1 },
 } as const;
 
 /** Graph names. */
 export type GraphName = keyof typeof GRAPHS;
+
+/** Graphs every converted folder has (the onnx-community layout); `decoder_model_append` is optional. */
+export type LayoutGraphName = Exclude<GraphName, "decoder_model_append">;
 
 /** Non-weight files copied beside the graphs when the checkpoint has them. */
 export const SIDE_FILES = [
@@ -67,8 +74,9 @@ export const MANIFEST_FORMAT_VERSION = 1;
  *    head in vocabulary slices, the W8A8 decoder option, `converter.options` in the manifest.
  * 2: weight-only int8/int4 decoders compute q/k/v and gate/up as one MatMulNBits each
  *    (`…self_attn.q_proj+k_proj+v_proj.weight_Q4`, `…mlp.gate_proj+up_proj.weight_Q4`).
+ * 3: `decoder_model_append.onnx` (the decoder with the append KV contract) beside the onnx-community graphs.
  */
-export const CONVERTER_REVISION = 2;
+export const CONVERTER_REVISION = 3;
 
 /** Conversion progress, reported after every tensor. */
 export interface ConvertProgress {
@@ -116,6 +124,13 @@ export interface ConvertOptions {
    */
   lmHeadSliceBytes?: number;
   /**
+   * Also write `decoder_model_append.onnx`, the decoder with the engine's append KV contract (see
+   * decoder.ts), which the engine prefers: decode steps read the cache in place instead of copying it.
+   * It shares the weights' external data file with `decoder_model_merged.onnx` (an inline decoder, i.e. a
+   * small model, is written twice). Default true; false writes only the onnx-community layout.
+   */
+  appendDecoder?: boolean;
+  /**
    * External data: `"auto"` (default: graphs above 2 GiB, and every graph with quantized weights — ONNX
    * Runtime repacks those at load, and from an external file the original bytes are memory-mapped and
    * dropped instead of staying resident), `true` (every graph) or `false`.
@@ -159,6 +174,8 @@ export interface GraphOptions {
   last_logits_only: boolean;
   /** Largest float LM-head slice, bytes (0 = one MatMul). */
   lm_head_slice_bytes: number;
+  /** `decoder_model_append.onnx` written too. */
+  append_decoder: boolean;
   external_data: "auto" | "always" | "never";
 }
 
@@ -167,7 +184,7 @@ export interface GraphOptions {
  * {@link ConvertError} `bad_options`). What {@link convertModel} records as `converter.options`.
  */
 export function graphOptionsOf(
-  options: Pick<ConvertOptions, "dtype" | "quant" | "w8a8" | "quantizeLmHead" | "visionInt8" | "lastLogitsOnly" | "lmHeadSliceBytes" | "externalData">,
+  options: Pick<ConvertOptions, "dtype" | "quant" | "w8a8" | "quantizeLmHead" | "visionInt8" | "lastLogitsOnly" | "lmHeadSliceBytes" | "appendDecoder" | "externalData">,
 ): GraphOptions {
   const dtype = options.dtype ?? "fp32";
   if (!CONVERT_DTYPES.includes(dtype)) throw new ConvertError("bad_options", `dtype must be one of ${CONVERT_DTYPES.join(", ")}, got ${JSON.stringify(dtype)}`);
@@ -187,6 +204,7 @@ export function graphOptionsOf(
     vision_int8: visionInt8Of(dtype, options.visionInt8, w8a8),
     last_logits_only: options.lastLogitsOnly ?? true,
     lm_head_slice_bytes: slice,
+    append_decoder: options.appendDecoder ?? true,
     external_data: ext === "auto" ? "auto" : ext ? "always" : "never",
   };
 }
@@ -257,7 +275,8 @@ export interface ConvertManifest {
     hidden_size: number;
     vocab_size: number;
   };
-  graphs: Record<GraphName, ManifestGraph>;
+  /** `decoder_model_append` only when written (`converter.options.append_decoder`). */
+  graphs: Record<LayoutGraphName, ManifestGraph> & Partial<Record<"decoder_model_append", ManifestGraph>>;
   copied_files: string[];
 }
 
@@ -324,32 +343,45 @@ function graphModel(name: GraphName, build: (e: ModuleEmitter) => void, weights:
 }
 
 /**
- * Builds the three graphs of a checkpoint without writing anything (the config and all tensor shapes are
- * validated on the way). Tensor data is read only when the returned specs are written.
+ * Builds the graphs of a checkpoint without writing anything (the config and all tensor shapes are
+ * validated on the way): the onnx-community three, plus `decoder_model_append` unless `appendDecoder` is
+ * false. Tensor data is read only when the returned specs are written.
  */
 export function buildGraphs(
   config: Qwen2VLConfig,
   weights: TensorSource,
-  opts: BuildOptions & { lastLogitsOnly?: boolean; quantizeLmHead?: boolean; visionInt8?: boolean; w8a8?: boolean; lmHeadSliceBytes?: number },
-): Record<GraphName, ModelSpec> {
+  opts: BuildOptions & {
+    lastLogitsOnly?: boolean;
+    quantizeLmHead?: boolean;
+    visionInt8?: boolean;
+    w8a8?: boolean;
+    lmHeadSliceBytes?: number;
+    appendDecoder?: boolean;
+  },
+): Record<LayoutGraphName, ModelSpec> & Partial<Record<"decoder_model_append", ModelSpec>> {
   checkSupported(config);
   if (opts.w8a8 && opts.dtype !== "int8") throw new ConvertError("bad_options", `w8a8 (W8A8 MatMulInteger decoder layers) needs dtype int8, got ${opts.dtype}`);
   const build: BuildOptions = { dtype: opts.dtype, ...(opts.quant ? { quant: opts.quant } : {}) };
   const visionInt8 = visionInt8Of(opts.dtype, opts.visionInt8, opts.w8a8 ?? false);
-  return {
-    vision_encoder: graphModel("vision_encoder", (e) => buildVisionEncoder(e, config.vision, { int8: visionInt8 }), weights, build),
-    embed_tokens: graphModel("embed_tokens", (e) => buildEmbedTokens(e), weights, build),
-    decoder_model_merged: graphModel(
-      "decoder_model_merged",
-      (e) => buildDecoder(e, config.text, {
+  const decoder = (name: "decoder_model_merged" | "decoder_model_append") =>
+    graphModel(
+      name,
+      (e) =>
+        buildDecoder(e, config.text, {
           lastLogitsOnly: opts.lastLogitsOnly ?? true,
           quantizeLmHead: opts.quantizeLmHead ?? true,
           ...(opts.w8a8 ? { w8a8: true } : {}),
           ...(opts.lmHeadSliceBytes !== undefined ? { lmHeadSliceBytes: opts.lmHeadSliceBytes } : {}),
+          kvCache: name === "decoder_model_append" ? "append" : "present",
         }),
       weights,
       build,
-    ),
+    );
+  return {
+    vision_encoder: graphModel("vision_encoder", (e) => buildVisionEncoder(e, config.vision, { int8: visionInt8 }), weights, build),
+    embed_tokens: graphModel("embed_tokens", (e) => buildEmbedTokens(e), weights, build),
+    decoder_model_merged: decoder("decoder_model_merged"),
+    ...((opts.appendDecoder ?? true) ? { decoder_model_append: decoder("decoder_model_append") } : {}),
   };
 }
 
@@ -394,6 +426,7 @@ export async function convertModel(options: ConvertOptions): Promise<ConvertResu
       visionInt8: go.vision_int8,
       w8a8: go.w8a8,
       lmHeadSliceBytes: go.lm_head_slice_bytes,
+      appendDecoder: go.append_decoder,
       ...(options.quant ? { quant: options.quant } : {}),
     };
     // Everything is validated while building; nothing has been written yet.
@@ -401,22 +434,31 @@ export async function convertModel(options: ConvertOptions): Promise<ConvertResu
 
     await rm(tmp, { recursive: true, force: true });
     await mkdir(tmp, { recursive: true });
-    const totalBytes = Object.values(models).reduce((s, m) => s + m.graph.initializers.reduce((a, t) => a + t.data.byteLength, 0), 0);
+    // Progress counts the onnx-community graphs' bytes; the append decoder mostly points into the merged one's.
+    const initBytes = (m: ModelSpec) => m.graph.initializers.reduce((a, t) => a + t.data.byteLength, 0);
+    const layout = Object.keys(GRAPHS).filter((n) => n !== "decoder_model_append") as LayoutGraphName[];
+    const totalBytes = layout.reduce((s, n) => s + initBytes(models[n]), 0);
     let before = 0;
-    const graphs = {} as Record<GraphName, ManifestGraph>;
+    const graphs = {} as ConvertManifest["graphs"];
+    const written = {} as Partial<Record<GraphName, WriteModelResult>>;
     for (const name of Object.keys(GRAPHS) as GraphName[]) {
       const spec = models[name];
+      if (!spec) continue;
       const mode = go.external_data;
+      const shareDataOf = name === "decoder_model_append" ? written.decoder_model_merged : undefined;
       const res = await writeModel(join(tmp, GRAPHS[name].file), spec, {
         externalData: mode === "auto" ? (hasQuantizedWeights(spec) ? true : "auto") : mode === "always",
-        onProgress: (done) => options.onProgress?.({ graph: name, doneBytes: before + done, totalBytes }),
+        ...(shareDataOf?.dataPath
+          ? { shareDataOf }
+          : { onProgress: (done: number) => options.onProgress?.({ graph: name, doneBytes: Math.min(before + done, totalBytes), totalBytes }) }),
       });
-      before += spec.graph.initializers.reduce((a, t) => a + t.data.byteLength, 0);
+      written[name] = res;
+      if (name !== "decoder_model_append") before += initBytes(spec);
       graphs[name] = {
         file: GRAPHS[name].file,
         version: GRAPHS[name].version,
         bytes: res.modelBytes,
-        ...(res.dataPath ? { data_file: basename(res.dataPath), data_bytes: res.dataBytes } : {}),
+        ...(res.dataPath ? { data_file: basename(res.dataPath), ...(res.dataBytes > 0 ? { data_bytes: res.dataBytes } : {}) } : {}),
         inputs: ioOf(spec.graph.inputs),
         outputs: ioOf(spec.graph.outputs),
       };

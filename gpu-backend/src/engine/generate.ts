@@ -8,7 +8,7 @@ import * as ort from "onnxruntime-node";
 import { f16ToF32 } from "../checkpoint/safetensors.ts";
 import { float16Bytes } from "../convert/common.ts";
 import type { LoadedModel } from "./model.ts";
-import { KvCache } from "./kv-cache.ts";
+import { KvCache, type KvSpec } from "./kv-cache.ts";
 import { getRopeIndex, type GridThw } from "./rope-index.ts";
 import { CodedError } from "../../../shared/src/errors.ts";
 
@@ -52,26 +52,25 @@ function i64(values: ArrayLike<number>, dims: number[]): ort.Tensor {
   return new ort.Tensor("int64", data, dims);
 }
 
-/** An all-ones attention mask [1, n]. */
-function onesMask(n: number): ort.Tensor {
-  return new ort.Tensor("int64", new BigInt64Array(n).fill(1n), [1, n]);
-}
-
-/** `past_key_values.{i}.{key|value}` names, per model (built once). */
-const kvNamesCache = new WeakMap<LoadedModel, { past: string[]; present: string[] }>();
-function kvNames(model: LoadedModel): { past: string[]; present: string[] } {
-  let n = kvNamesCache.get(model);
-  if (!n) {
-    n = { past: [], present: [] };
-    for (let i = 0; i < model.config.text.num_hidden_layers; i++) {
+/** The model's KV-cache spec (names per its decoder's contract), built once per model. */
+const kvSpecs = new WeakMap<LoadedModel, KvSpec>();
+export function kvSpec(model: LoadedModel): KvSpec {
+  let spec = kvSpecs.get(model);
+  if (!spec) {
+    const { num_hidden_layers: layers, num_key_value_heads: kvHeads, head_dim: headDim } = model.config.text;
+    const outPrefix = model.kvCache === "append" ? "new_key_values" : "present";
+    const pastNames: string[] = [];
+    const outNames: string[] = [];
+    for (let i = 0; i < layers; i++) {
       for (const kind of ["key", "value"]) {
-        n.past.push(`past_key_values.${i}.${kind}`);
-        n.present.push(`present.${i}.${kind}`);
+        pastNames.push(`past_key_values.${i}.${kind}`);
+        outNames.push(`${outPrefix}.${i}.${kind}`);
       }
     }
-    kvNamesCache.set(model, n);
+    spec = { contract: model.kvCache, pastNames, outNames, kvHeads, headDim, type: model.ioFloatType };
+    kvSpecs.set(model, spec);
   }
-  return n;
+  return spec;
 }
 
 /** Sequences decoded together whose caches are the rows of one left-padded {@link KvCache}. */
@@ -90,7 +89,7 @@ type KvState = { kind: "own"; cache: KvCache | null } | { kind: "batch"; batch: 
  */
 export class Sequence {
   readonly seqLen: number;
-  /** KV cache: its own ([1, kv_heads, fed, head_dim] per layer and kind), or a row of a batch's. */
+  /** KV cache: its own (one row holding `fed` positions), or a row of a batch's. */
   private kv: KvState = { kind: "own", cache: null };
   private ropeDeltas = 0;
   /** Tokens in the KV cache (prompt + generated tokens fed back). */
@@ -138,16 +137,14 @@ export class Sequence {
   }
 
   /** This sequence's own cache (copied out of its batch if it lives in one; created empty before the prefill). */
-  private ownCache(type: "float32" | "float16"): KvCache {
+  private ownCache(): KvCache {
     if (this.kv.kind === "own" && this.kv.cache) return this.kv.cache;
-    const names = kvNames(this.model);
-    const { num_key_value_heads: kvH, head_dim: hd } = this.model.config.text;
     let cache: KvCache;
     if (this.kv.kind === "batch") {
-      cache = KvCache.filled(this.kv.batch.cache, 1, this.fed);
+      cache = KvCache.filled(kvSpec(this.model), 1, this.fed);
       this.kv.batch.cache.copyRowTo(this.kv.row, this.fed, cache, 0);
     } else {
-      cache = new KvCache(names.past, names.present, 1, kvH, hd, type);
+      cache = new KvCache(kvSpec(this.model), 1);
     }
     this.kv = { kind: "own", cache };
     return cache;
@@ -180,17 +177,15 @@ export class Sequence {
   /** Runs the decoder on `embeds` [1, n, H] at `positions` [3][n]; returns the last row of logits. */
   private async decode(embeds: ort.Tensor, positions: [ArrayLike<number>, ArrayLike<number>, ArrayLike<number>]): Promise<Float32Array> {
     const n = embeds.dims[1]!;
-    const pastLen = this.fed;
     const pos = new BigInt64Array(3 * n);
     for (let a = 0; a < 3; a++) for (let j = 0; j < n; j++) pos[a * n + j] = BigInt(positions[a]![j]!);
-    const cache = this.ownCache(embeds.type as "float32" | "float16");
+    const cache = this.ownCache();
     const feeds: Record<string, ort.Tensor> = {
       inputs_embeds: embeds,
-      attention_mask: onesMask(pastLen + n),
       position_ids: new ort.Tensor("int64", pos, [3, 1, n]),
-      ...cache.past(),
+      ...cache.inputs(n, [0]),
     };
-    const out = await this.model.sessions.decoder.run(feeds, { logits: null, ...cache.present(n) });
+    const out = await this.model.sessions.decoder.run(feeds, { logits: null, ...cache.outputs(n) });
     cache.commit(n);
     this.fed += n;
     const logits = out.logits!;
@@ -293,7 +288,7 @@ export function topK(logits: Float32Array, k: number): [number, number][] {
  * next-token logits per sequence and moves each sequence's cache forward by one token.
  * Masked positions get exactly zero attention weight, so each row equals its single-sequence result up to
  * float summation order. The padded batch cache is built only when the batch's membership changes; between
- * such changes the decoder reads its past from, and writes its present into, the batch's own buffers
+ * such changes the decoder reads its past from, and writes its new K/V into, the batch's own buffers
  * ({@link KvCache}), so a step costs no per-sequence copying.
  */
 export async function decodeBatch(model: LoadedModel, seqs: Sequence[], tokenIds: number[]): Promise<Float32Array[]> {
@@ -311,7 +306,7 @@ export async function decodeBatch(model: LoadedModel, seqs: Sequence[], tokenIds
     // Membership changed: build the left-padded batch cache once, trimmed to the longest sequence.
     const sources = seqs.map((s) => s.kvSource());
     if (sources.some((x) => x === null)) throw new GenerationError("internal_error", "a sequence joined a batch before its prefill");
-    const cache = KvCache.filled(sources[0]!.cache, B, Math.max(...lens));
+    const cache = KvCache.filled(kvSpec(model), B, Math.max(...lens));
     sources.forEach((src, b) => src!.cache.copyRowTo(src!.row, lens[b]!, cache, b));
     batch = new BatchKv(seqs.slice(), cache);
     seqs.forEach((s, b) => s.joinBatch(batch, b));
@@ -319,17 +314,14 @@ export async function decodeBatch(model: LoadedModel, seqs: Sequence[], tokenIds
   const cache = batch.cache;
   const L = cache.L;
   const embeds = await model.embeddings.lookup(tokenIds, [B, 1]);
-  const mask = new BigInt64Array(B * (L + 1));
-  seqs.forEach((_, b) => mask.fill(1n, b * (L + 1) + (L - lens[b]!), (b + 1) * (L + 1)));
   const pos = new BigInt64Array(3 * B);
   for (let a = 0; a < 3; a++) for (let b = 0; b < B; b++) pos[a * B + b] = BigInt(positions[b]!);
   const feeds: Record<string, ort.Tensor> = {
     inputs_embeds: embeds,
-    attention_mask: new ort.Tensor("int64", mask, [B, L + 1]),
     position_ids: new ort.Tensor("int64", pos, [3, B, 1]),
-    ...cache.past(),
+    ...cache.inputs(1, lens.map((len) => L - len)),
   };
-  const out = await model.sessions.decoder.run(feeds, { logits: null, ...cache.present(1) });
+  const out = await model.sessions.decoder.run(feeds, { logits: null, ...cache.outputs(1) });
   cache.commit(1);
   const logits = out.logits!;
   const vocab = logits.dims[2]!;

@@ -12,6 +12,7 @@ import { parseQwen2VLConfig, type Qwen2VLConfig } from "../checkpoint/config.ts"
 import { modelFingerprint } from "../../../shared/src/fingerprint.ts";
 import { modelMetaFromFiles, type ModelMeta } from "../../../shared/src/model-meta.ts";
 import { type Embeddings, FileEmbeddings, SessionEmbeddings, locateEmbeddingTable } from "./embedding.ts";
+import type { KvContract } from "./kv-cache.ts";
 import { CodedError } from "../../../shared/src/errors.ts";
 
 export type ExecutionProvider = "cpu" | "cuda";
@@ -28,6 +29,13 @@ export interface EngineOptions {
    * the graph in ONNX Runtime. `"file"` falls back to the session for graphs that are not a plain Gather.
    */
   embeddings?: "file" | "session";
+  /**
+   * The decoder graph, by its KV-cache contract: `"append"` runs `decoder_model_append.onnx` (the cache is read
+   * in place; a `bad_model` error when the folder lacks it), `"present"` the onnx-community
+   * `decoder_model_merged.onnx` (each step copies the cache through the graph's Concat). Default: `"append"`
+   * when the folder has that graph (our converter writes it), else `"present"` (e.g. another exporter's files).
+   */
+  kvCache?: KvContract;
 }
 
 /** Start-up failure of the engine; `code` is stable, the message says what to do. */
@@ -53,6 +61,8 @@ export interface LoadedModel {
   dtype: string;
   /** Float type of the graphs' inputs and outputs (fp16 graphs take and return float16). */
   ioFloatType: "float32" | "float16";
+  /** The loaded decoder's KV-cache contract (see {@link EngineOptions.kvCache}). */
+  kvCache: KvContract;
   /** `embed` is absent when the embeddings are read from the graph file (see {@link EngineOptions.embeddings}). */
   sessions: { vision: ort.InferenceSession; embed?: ort.InferenceSession; decoder: ort.InferenceSession };
   /** `input_ids` → `inputs_embeds`. */
@@ -95,12 +105,17 @@ async function createSession(path: string, opts: EngineOptions): Promise<ort.Inf
   }
 }
 
-/** Loads `dir` (a converter output folder) and creates its three sessions. */
+/** Loads `dir` (a converter output folder) and creates its sessions (vision, decoder, and embed when needed). */
 export async function loadModel(dir: string, opts: EngineOptions = {}): Promise<LoadedModel> {
   for (const f of ["vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx", "config.json", "tokenizer.json"]) {
     if (!existsSync(join(dir, f))) {
       throw new EngineLoadError("model_not_found", `${join(dir, f)} is missing: convert a checkpoint first (npm run convert -- --model <folder> --out ${dir})`);
     }
+  }
+  const hasAppend = existsSync(join(dir, "decoder_model_append.onnx"));
+  const kvCache = opts.kvCache ?? (hasAppend ? "append" : "present");
+  if (kvCache === "append" && !hasAppend) {
+    throw new EngineLoadError("bad_model", `${join(dir, "decoder_model_append.onnx")} is missing: convert the checkpoint again without --no-append-decoder, or load the onnx-community decoder (kvCache "present")`);
   }
   if (opts.executionProvider === "cuda" && !ort.listSupportedBackends().some((b) => b.name === "cuda")) {
     throw new EngineLoadError(
@@ -139,7 +154,7 @@ export async function loadModel(dir: string, opts: EngineOptions = {}): Promise<
   }
   const vision = await createSession(join(dir, "vision_encoder.onnx"), opts);
   const embed = table ? undefined : await createSession(embedPath, opts);
-  const decoder = await createSession(join(dir, "decoder_model_merged.onnx"), opts);
+  const decoder = await createSession(join(dir, kvCache === "append" ? "decoder_model_append.onnx" : "decoder_model_merged.onnx"), opts);
   const embeddings: Embeddings = table ? new FileEmbeddings(table) : new SessionEmbeddings(embed!, ioFloatType, config.text.hidden_size);
   return {
     dir,
@@ -149,6 +164,7 @@ export async function loadModel(dir: string, opts: EngineOptions = {}): Promise<
     tokenizerJson,
     dtype: typeof manifest.dtype === "string" ? manifest.dtype : "fp32",
     ioFloatType,
+    kvCache,
     sessions: { vision, ...(embed ? { embed } : {}), decoder },
     embeddings,
   };

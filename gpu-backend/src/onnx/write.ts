@@ -26,6 +26,12 @@ export interface WriteModelOptions {
   inlineLimitBytes?: number;
   /** Called after each initializer payload is written: bytes done so far and the total. */
   onProgress?: (doneBytes: number, totalBytes: number) => void;
+  /**
+   * Point into the external data file that writing another graph of the same folder produced, instead of
+   * writing one: initializers of the same name and size reference its bytes (two graphs of one model share
+   * their weights on disk); any other initializer stays inline. `externalData` is then ignored.
+   */
+  shareDataOf?: WriteModelResult;
 }
 
 /** What was written. */
@@ -34,7 +40,10 @@ export interface WriteModelResult {
   modelBytes: number;
   /** Path of the external data file, if one was written. */
   dataPath?: string;
+  /** Bytes written to the external data file (0 when none was written, or with `shareDataOf`). */
   dataBytes: number;
+  /** Where each external initializer lies in `dataPath`. */
+  refs?: ReadonlyMap<string, ExternalRef>;
 }
 
 /** Coalesces small writes; deferred chunks are resolved and written in order. */
@@ -87,6 +96,14 @@ export async function writeModel(path: string, model: ModelSpec, options: WriteM
   if (mode === "auto") external = encodeModel(model).byteLength > (options.inlineLimitBytes ?? INLINE_LIMIT);
 
   const refs = new Map<string, ExternalRef>();
+  const shared = options.shareDataOf;
+  if (shared?.refs && shared.dataPath) {
+    for (const t of inits) {
+      const ref = shared.refs.get(t.name);
+      if (ref && ref.length === t.data.byteLength) refs.set(t.name, ref);
+    }
+    external = false; // nothing to write to a data file of this graph's own
+  }
   const dataPath = `${path}_data`;
   const location = basename(dataPath);
   let dataBytes = 0;
@@ -126,6 +143,7 @@ export async function writeModel(path: string, model: ModelSpec, options: WriteM
     if (done !== totalInit) options.onProgress?.(totalInit, totalInit);
     return res;
   };
+  if (shared && refs.size > 0) return finish({ modelPath: path, modelBytes: proto.byteLength, dataPath: shared.dataPath, dataBytes: 0, refs });
   if (!external || refs.size === 0) return finish({ modelPath: path, modelBytes: proto.byteLength, dataBytes: 0 });
 
   const dh = await open(dataPath, "w");
@@ -147,5 +165,5 @@ export async function writeModel(path: string, model: ModelSpec, options: WriteM
   } finally {
     await dh.close();
   }
-  return finish({ modelPath: path, modelBytes: proto.byteLength, dataPath, dataBytes });
+  return finish({ modelPath: path, modelBytes: proto.byteLength, dataPath, dataBytes, refs });
 }
