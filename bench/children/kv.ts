@@ -19,7 +19,7 @@ export interface KvArgs {
   contexts: number[];
   /** Batch sizes (rows decoded together). */
   rows: number[];
-  /** Steps per contract and point, after one warm-up step each. */
+  /** Steps per contract and point, after three warm-up steps each. */
   steps: number;
   /** Points with rows × context above this are skipped (the present contract's double buffer is 2× the cache). */
   maxRowTokens: number;
@@ -91,11 +91,16 @@ childMain(async () => {
       }
       const caches = { append: filledCache(models.append, B, L), present: filledCache(models.present, B, L) };
       const times: Record<KvContract, number[]> = { append: [], present: [] };
-      for (const kv of contracts) await step(models[kv], caches[kv], B); // warm-up
-      // Alternate which contract goes first, so that a drift of the machine hits both alike.
+      // Warm-up: the first steps of a shape page in weights and size ORT's buffers.
+      for (let w = 0; w < 3; w++) for (const kv of contracts) await step(models[kv], caches[kv], B);
+      // Contracts alternate so that a drift of the machine hits both alike. Each timed step follows an untimed
+      // one of the same session: right after the other session's run, that session's idle ORT threads still
+      // spin and take the cores (measured: +40–50 ms on whichever graph ran second).
       for (let s = 0; s < a.steps; s++) {
-        const order = s % 2 === 0 ? contracts : [...contracts].reverse();
-        for (const kv of order) times[kv].push(await step(models[kv], caches[kv], B));
+        for (const kv of contracts) {
+          await step(models[kv], caches[kv], B);
+          times[kv].push(await step(models[kv], caches[kv], B));
+        }
       }
       const p: KvPoint = {
         rows: B,

@@ -1,4 +1,4 @@
-import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as ort from "onnxruntime-node";
@@ -159,6 +159,19 @@ describe("tiny graph through onnxruntime", () => {
     const model = readFileSync(path);
     expect(model.includes(Buffer.from("tiny.onnx_data"))).toBe(true);
     const out = await runTiny(path, x);
+    for (let j = 0; j < 4; j++) expect(out.y[j]).toBeCloseTo(ref[0]![j]!, 6);
+  });
+
+  it("a second graph can point into the first one's external data instead of writing its own", async () => {
+    const dir = mkdtempSync(join(tmp, "share-"));
+    const first = await writeModel(join(dir, "a.onnx"), tinyModel(w), { externalData: true, externalMinBytes: 16, align: 64 });
+    const reads = { n: 0 };
+    const second = await writeModel(join(dir, "b.onnx"), tinyModel(w, reads), { shareDataOf: first, externalMinBytes: 16 });
+    expect(reads.n).toBe(0); // its weights were not produced again
+    expect(second).toMatchObject({ dataPath: first.dataPath, dataBytes: 0 });
+    expect(existsSync(join(dir, "b.onnx_data"))).toBe(false);
+    expect(readFileSync(join(dir, "b.onnx")).includes(Buffer.from("a.onnx_data"))).toBe(true);
+    const out = await runTiny(join(dir, "b.onnx"), x);
     for (let j = 0; j < 4; j++) expect(out.y[j]).toBeCloseTo(ref[0]![j]!, 6);
   });
 
