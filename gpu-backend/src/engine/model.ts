@@ -1,8 +1,9 @@
 /**
- * A converted model folder (the converter's output: three ONNX graphs plus the checkpoint's tokenizer and
- * config files) loaded into onnxruntime sessions. The execution provider is configuration: `cpu` (default)
- * or `cuda`; a missing CUDA provider is a start-up error that says how to install it, never a silent
- * fallback to CPU.
+ * A converted model folder (the converter's output: the onnx-community graphs, our append-contract decoder
+ * when present, and the checkpoint's tokenizer and config files) loaded into onnxruntime sessions: vision,
+ * one decoder (see {@link EngineOptions.kvCache}), and embed when needed. The execution provider is
+ * configuration: `cpu` (default) or `cuda`; a missing CUDA provider is a start-up error that says how to
+ * install it, never a silent fallback to CPU.
  */
 import { readFile } from "node:fs/promises";
 import { existsSync } from "node:fs";
