@@ -15,11 +15,12 @@
  * masked by `attention_mask`).
  */
 import * as ort from "onnxruntime-node";
+import type { KvCacheContract } from "../convert/decoder.ts";
 
 export type FloatData = Float32Array | Uint16Array;
 export type FloatType = "float32" | "float16";
-/** The decoder graph's KV-cache contract (see the module comment). */
-export type KvContract = "present" | "append";
+/** The decoder graph's KV-cache contract (see the module comment; the converter's `KvCacheContract`). */
+export type KvContract = KvCacheContract;
 
 /**
  * Tokens of spare capacity allocated beyond what a step needs. It amortizes growth (each one copies the
