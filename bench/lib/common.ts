@@ -240,6 +240,12 @@ export class ChildError extends Error {
   }
 }
 
+/** One line for a result file's `failures`: the error and, for a child, the last lines of its stderr. */
+export function childErrorText(e: unknown): string {
+  const tail = ((e as { stderrTail?: string }).stderrTail ?? "").trim().split("\n").slice(-3).join(" | ");
+  return tail ? `${(e as Error).message} ${tail}` : (e as Error).message;
+}
+
 /**
  * Runs `bench/children/<script>` in a fresh Node process (through tsx) with `args` as JSON; the child writes
  * its result JSON to the file named by BENCH_RESULT_FILE. Its stderr is forwarded (progress) and its tail

@@ -17,7 +17,7 @@ import { existsSync, mkdirSync, openSync, readFileSync, readSync, closeSync, rea
 import { join } from "node:path";
 import { CONVERTER_REVISION, graphOptionsOf } from "../../gpu-backend/src/convert/index.ts";
 import { canonicalJson } from "../../shared/src/fingerprint.ts";
-import { CONVERT_VARIANTS, GOLDEN_DIR, ROOT, type BenchOptions, type Dtype, fmt, fmtBytes, log, runChild } from "./common.ts";
+import { CONVERT_VARIANTS, GOLDEN_DIR, ROOT, type BenchOptions, type Dtype, type MachineInfo, fmt, fmtBytes, log, machineInfo, machineLine, runChild } from "./common.ts";
 
 export type ModelSize = "2b" | "tiny";
 
@@ -204,6 +204,31 @@ export interface EnsureResult {
   steps: StepRecord[];
   /** dtype → folder, for the dtypes that are available. */
   available: Partial<Record<Dtype, string>>;
+}
+
+/** What a model suite starts from: see {@link prepareVariants}. */
+export interface PreparedVariants {
+  machine: MachineInfo;
+  models: EnsureResult;
+  /** The variants that have a converted folder, in the order asked, with the folder. */
+  variants: Array<[Dtype, string]>;
+  /** Why each other variant is missing (its conversion's or the checkpoint's error). */
+  failures: Record<string, string>;
+}
+
+/** A model suite's start: the machine (logged), then the checkpoint and a conversion per variant ({@link ensureModels}). */
+export async function prepareVariants(opts: BenchOptions, dtypes: Dtype[]): Promise<PreparedVariants> {
+  const machine = machineInfo();
+  log(machineLine(machine));
+  const models = await ensureModels(opts, dtypes);
+  const variants: Array<[Dtype, string]> = [];
+  const failures: Record<string, string> = {};
+  for (const dtype of dtypes) {
+    const dir = models.available[dtype];
+    if (dir) variants.push([dtype, dir]);
+    else failures[dtype] = models.steps.find((s) => s.step === dtype || s.step === "checkpoint")?.error ?? "not converted";
+  }
+  return { machine, models, variants, failures };
 }
 
 /**

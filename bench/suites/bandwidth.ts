@@ -4,15 +4,13 @@
  * `bandwidth / bytes of decoder weights read per token` (the decoder graph's file bytes: every weight is read
  * once per generated token; the KV cache of ~200 tokens adds < 1 % and is left out).
  */
-import { type BenchOptions, type Dtype, fmt, fmtBytes, fmtSpread, log, machineInfo, machineLine, spread, table, writeResult } from "../lib/common.ts";
+import { type BenchOptions, type Dtype, childErrorText, fmt, fmtBytes, fmtSpread, log, spread, table, writeResult } from "../lib/common.ts";
 import { type BandwidthResult, measureBandwidth } from "../lib/bandwidth.ts";
-import { ensureModels, graphBytes } from "../lib/models.ts";
+import { graphBytes, prepareVariants } from "../lib/models.ts";
 import { runOurs } from "./single.ts";
 
 export async function bandwidthSuite(opts: BenchOptions): Promise<{ file: string; body: Record<string, unknown> }> {
-  const machine = machineInfo();
-  log(machineLine(machine));
-  const models = await ensureModels(opts, opts.dtypes);
+  const { machine, models, variants, failures } = await prepareVariants(opts, opts.dtypes);
   const reps = opts.quick ? 2 : 5;
   const measure = async (label: string) => {
     const r: BandwidthResult[] = [];
@@ -24,19 +22,13 @@ export async function bandwidthSuite(opts: BenchOptions): Promise<{ file: string
   };
   const before = await measure("before");
   const rows: Record<string, unknown>[] = [];
-  const failures: Record<string, string> = {};
-  for (const dtype of opts.dtypes) {
-    const dir = models.available[dtype];
-    if (!dir) {
-      failures[dtype] = models.steps.find((s) => s.step === dtype)?.error ?? "not converted";
-      continue;
-    }
+  for (const [dtype, dir] of variants) {
     log(`bandwidth: decode ${dtype} (${opts.runs} runs × ${opts.tokens} tokens)`);
     try {
       const r = await runOurs(opts, dir, opts.tokens, opts.runs, dtype);
       rows.push({ dtype, decoder_bytes: graphBytes(dir).decoder, decode_tok_s: spread(r.runs.map((x) => x.decode_tok_s)), decode_step_ms: spread(r.runs.map((x) => x.decode_step_ms_median)), peak_rss_bytes: r.peak_rss_bytes });
     } catch (e) {
-      failures[dtype] = (e as Error).message;
+      failures[dtype] = childErrorText(e);
     }
   }
   const after = await measure("after");

@@ -3,23 +3,15 @@
  * BatchingEngine (maxBatch 8), each dtype in its own child; every level is printed as a ratio to 1 stream.
  */
 import type { ConcurrencyArgs, ConcurrencyResult } from "../children/concurrency.ts";
-import { type BenchOptions, fmt, fmtBytes, fmtSpread, log, machineInfo, machineLine, runChild, spread, table, writeResult } from "../lib/common.ts";
-import { ensureModels } from "../lib/models.ts";
+import { type BenchOptions, childErrorText, fmt, fmtBytes, fmtSpread, log, runChild, spread, table, writeResult } from "../lib/common.ts";
+import { prepareVariants } from "../lib/models.ts";
 
 export async function concurrencySuite(opts: BenchOptions): Promise<{ file: string; body: Record<string, unknown> }> {
-  const machine = machineInfo();
-  log(machineLine(machine));
-  const models = await ensureModels(opts, opts.dtypes);
+  const { machine, models, variants, failures } = await prepareVariants(opts, opts.dtypes);
   const results: ConcurrencyResult[] = [];
   const summaries: Record<string, unknown> = {};
-  const failures: Record<string, string> = {};
   let text = "";
-  for (const dtype of opts.dtypes) {
-    const dir = models.available[dtype];
-    if (!dir) {
-      failures[dtype] = models.steps.find((s) => s.step === dtype)?.error ?? "not converted";
-      continue;
-    }
+  for (const [dtype, dir] of variants) {
     log(`concurrency: ${dtype}, levels ${opts.levels.join(",")} × ${opts.rounds} round(s), maxBatch ${opts.maxBatch}, ${opts.tokens}+L tokens each`);
     const args: ConcurrencyArgs = { modelDir: dir, threads: opts.threads, maxBatch: opts.maxBatch, levels: opts.levels, tokens: opts.tokens, rounds: opts.rounds, label: dtype };
     try {
@@ -57,7 +49,7 @@ export async function concurrencySuite(opts: BenchOptions): Promise<{ file: stri
       const errs = result.levels.flatMap((l) => l.errors);
       if (errs.length) text += `errors: ${errs.join("; ")}\n`;
     } catch (e) {
-      failures[dtype] = `${(e as Error).message} ${((e as { stderrTail?: string }).stderrTail ?? "").trim().split("\n").slice(-3).join(" | ")}`;
+      failures[dtype] = childErrorText(e);
     }
   }
   text += "agg decode = tokens in the window where all streams decode together; probe = a request arriving when the first stream finishes; e2e = all tokens / wall time incl. prefills\n";

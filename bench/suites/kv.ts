@@ -5,22 +5,14 @@
  * size, printed as present / append. Default variant: int4 (both decoders are loaded at once; --dtypes names others).
  */
 import type { KvArgs, KvResult } from "../children/kv.ts";
-import { type BenchOptions, fmt, fmtBytes, log, machineInfo, machineLine, runChild, table, writeResult } from "../lib/common.ts";
-import { ensureModels } from "../lib/models.ts";
+import { type BenchOptions, childErrorText, fmt, fmtBytes, log, runChild, table, writeResult } from "../lib/common.ts";
+import { prepareVariants } from "../lib/models.ts";
 
 export async function kvSuite(opts: BenchOptions): Promise<{ file: string; body: Record<string, unknown> }> {
-  const machine = machineInfo();
-  log(machineLine(machine));
-  const models = await ensureModels(opts, opts.kvDtypes);
+  const { machine, models, variants, failures } = await prepareVariants(opts, opts.kvDtypes);
   const results: KvResult[] = [];
-  const failures: Record<string, string> = {};
   let text = "";
-  for (const dtype of opts.kvDtypes) {
-    const dir = models.available[dtype];
-    if (!dir) {
-      failures[dtype] = models.steps.find((s) => s.step === dtype)?.error ?? "not converted";
-      continue;
-    }
+  for (const [dtype, dir] of variants) {
     const args: KvArgs = {
       modelDir: dir,
       threads: opts.threads,
@@ -41,7 +33,7 @@ export async function kvSuite(opts: BenchOptions): Promise<{ file: string; body:
       text += `\nKV contract, ${dtype} (${models.size}, ${opts.threads} threads, median of ${args.steps} interleaved steps; peak RSS ${fmtBytes(result.peak_rss_bytes)})\n${table(rows)}\n`;
       if (result.skipped.length) text += `skipped (rows × context > ${args.maxRowTokens}): ${result.skipped.map((s) => `${s.rows}×${s.context}`).join(", ")}\n`;
     } catch (e) {
-      failures[dtype] = `${(e as Error).message} ${((e as { stderrTail?: string }).stderrTail ?? "").trim().split("\n").slice(-3).join(" | ")}`;
+      failures[dtype] = childErrorText(e);
     }
   }
   text += "append = decoder_model_append.onnx (new K/V written into a cache buffer with spare slots); present = decoder_model_merged.onnx (onnx-community: past + new copied into present every step)\n";

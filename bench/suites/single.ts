@@ -7,8 +7,8 @@ import { mkdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import type { RunSample, SingleArgs, SingleResult } from "../children/single.ts";
 import type { TjsArgs, TjsResult } from "../children/tjs.ts";
-import { type BenchOptions, type Dtype, type Spread, fmt, fmtBytes, fmtSpread, log, machineInfo, machineLine, runChild, spread, table, writeResult } from "../lib/common.ts";
-import { ensureModels, graphBytes } from "../lib/models.ts";
+import { type BenchOptions, type Dtype, type Spread, childErrorText, fmt, fmtBytes, fmtSpread, log, runChild, spread, table, writeResult } from "../lib/common.ts";
+import { graphBytes, prepareVariants } from "../lib/models.ts";
 import { evalPrompt, forcedIds } from "../lib/workload.ts";
 
 export interface SingleSummary {
@@ -74,29 +74,20 @@ export async function runOurs(opts: BenchOptions, modelDir: string, tokens: numb
 }
 
 export async function singleSuite(opts: BenchOptions): Promise<{ file: string; body: Record<string, unknown> }> {
-  const machine = machineInfo();
-  log(machineLine(machine));
   // transformers.js runs on our fp32 files, next to our fp32 (the ratio needs both).
   const want: Dtype[] = opts.noTjs || opts.dtypes.includes("fp32") ? opts.dtypes : ["fp32", ...opts.dtypes];
-  const models = await ensureModels(opts, want);
+  const { machine, models, variants, failures } = await prepareVariants(opts, want);
   const p = evalPrompt();
   const ours: Partial<Record<Dtype, SingleResult>> = {};
-  const failures: Record<string, string> = {};
   let tjs: TjsResult | null = null;
-  const errorText = (e: unknown) => `${(e as Error).message} ${((e as { stderrTail?: string }).stderrTail ?? "").trim().split("\n").slice(-3).join(" | ")}`;
   const pairRatios: Array<{ ttft: number; decode_tok_s: number }> = [];
-  for (const dtype of want) {
-    const dir = models.available[dtype];
-    if (!dir) {
-      failures[dtype] = models.steps.find((s) => s.step === dtype || s.step === "checkpoint")?.error ?? "not converted";
-      continue;
-    }
+  for (const [dtype, dir] of variants) {
     if (dtype !== "fp32" || opts.noTjs) {
       log(`single: ours ${dtype} (${opts.runs} runs × ${opts.tokens} forced tokens, ${opts.threads} threads)`);
       try {
         ours[dtype] = await runOurs(opts, dir, opts.tokens, opts.runs, dtype);
       } catch (e) {
-        failures[dtype] = errorText(e);
+        failures[dtype] = childErrorText(e);
       }
       continue;
     }
@@ -125,14 +116,14 @@ export async function singleSuite(opts: BenchOptions): Promise<{ file: string; b
           };
           t = (await runChild<TjsResult>("tjs.ts", args, { timeoutS: opts.childTimeoutS })).result;
         } catch (e) {
-          t = { ok: false, layout: [], adaptations: [], error: { stage: "child", message: errorText(e) } };
+          t = { ok: false, layout: [], adaptations: [], error: { stage: "child", message: childErrorText(e) } };
         }
         theirRuns.push(t);
         if (!t.ok) break;
         pairRatios.push({ ttft: o.runs[0]!.ttft_ms / t.runs![0]!.ttft_ms, decode_tok_s: o.runs[0]!.decode_tok_s / t.runs![0]!.decode_tok_s });
       }
     } catch (e) {
-      failures.fp32 = errorText(e);
+      failures.fp32 = childErrorText(e);
     } finally {
       rmSync(workDir, { recursive: true, force: true });
     }
