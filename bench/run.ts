@@ -16,11 +16,12 @@
  *
  * Options: --dtypes fp32,int8,int4,int8-w8a8 (also fp16)  --runs 3  --tokens 32  --threads 2  --quick  --cache /tmp/medvlm-bench-cache
  *          --results-dir bench/results  --levels 1,2,4,8  --max-batch 8  --rounds 1  --requests 300  --clients 8
- *          --bandwidth-mib 1024  --contexts 300,1024,2048  --kv-rows 1,8  --no-tjs  --child-timeout 900  --drop-checkpoint
+ *          --bandwidth-mib 1024  --contexts 300,1024,2048  --kv-rows 1,8  --prefill-chunks 0,128  --no-tjs  --child-timeout 900  --drop-checkpoint
  * Each suite prints a table and writes bench/results/<suite>-<timestamp>.json (with machine info).
  */
 import { join } from "node:path";
 import { parseArgs } from "node:util";
+import { CONFIG_DEFAULTS } from "../gpu-backend/src/server/config.ts";
 import { ALL_DTYPES, BENCH_DIR, DEFAULT_CACHE, DEFAULT_DTYPES, type BenchOptions, type Dtype, log } from "./lib/common.ts";
 
 export const SUITES = ["models", "single", "bandwidth", "concurrency", "kv", "edge"] as const;
@@ -29,7 +30,7 @@ export type Suite = (typeof SUITES)[number];
 const USAGE =
   "usage: npm run bench -- <models|single|bandwidth|concurrency|kv|edge|all> [--dtypes fp32,int8,int4,int8-w8a8] [--runs N] [--tokens N] [--threads N]\n" +
   "       [--quick] [--cache DIR] [--results-dir DIR] [--levels 1,2,4,8] [--max-batch N] [--rounds N] [--requests N] [--clients N]\n" +
-  "       [--bandwidth-mib N] [--contexts 300,1024,2048] [--kv-rows 1,8] [--no-tjs] [--child-timeout S] [--drop-checkpoint]";
+  "       [--bandwidth-mib N] [--contexts 300,1024,2048] [--kv-rows 1,8] [--prefill-chunks 0,128] [--no-tjs] [--child-timeout S] [--drop-checkpoint]";
 
 export class UsageError extends Error {}
 
@@ -55,6 +56,7 @@ export function parseBenchArgs(argv: string[]): { suites: Suite[]; opts: BenchOp
         "bandwidth-mib": { type: "string" },
         contexts: { type: "string" },
         "kv-rows": { type: "string" },
+        "prefill-chunks": { type: "string" },
         "no-tjs": { type: "boolean", default: false },
         "child-timeout": { type: "string" },
         "drop-checkpoint": { type: "boolean", default: false },
@@ -100,6 +102,8 @@ export function parseBenchArgs(argv: string[]): { suites: Suite[]; opts: BenchOp
     kvDtypes: v.dtypes === undefined ? ["int4"] : dtypes,
     contexts: (v.contexts ?? (quick ? "40,100" : "300,1024,2048")).split(",").map((s) => int("contexts", s, 1)),
     kvRows: (v["kv-rows"] ?? (quick ? "1,2" : "1,8")).split(",").map((s) => int("kv-rows", s, 1)),
+    // The serving default against whole-prompt admission (0) as its peer; the tiny model's prompts are short.
+    prefillChunks: (v["prefill-chunks"] ?? (quick ? "0,32" : `0,${CONFIG_DEFAULTS.prefillChunk}`)).split(",").map((s) => int("prefill-chunks", s, 0, 0)),
     noTjs: v["no-tjs"],
     childTimeoutS: int("child-timeout", v["child-timeout"], 900),
     dropCheckpoint: v["drop-checkpoint"],

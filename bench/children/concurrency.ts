@@ -6,8 +6,12 @@
  *   - TTFT of each of the L simultaneous arrivals (submit → first token; the last one waits for L-1 prefills)
  *   - probe TTFT: one more request submitted when the first of the L finishes (L-1 still decoding) — what a
  *     new arrival sees under load
+ *   - probe stall: the longest gap between two tokens of a stream still decoding while the probe is admitted
+ *     (from its submit to its first token) — what an arrival costs the streams already running — next to the
+ *     median gap between tokens of all streams
  *   - end-to-end tok/s: all generated tokens / (first submit → last done)
- * The sweep over levels is repeated `rounds` times.
+ * Each level runs once per engine `prefillChunk` setting (whole-prompt admission vs chunked); the sweep over
+ * levels and settings is repeated `rounds` times.
  */
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
@@ -15,7 +19,7 @@ import { DEFAULT_PARAMS } from "../../shared/src/wire.ts";
 import { BatchingEngine } from "../../gpu-backend/src/engine/engine.ts";
 import type { EngineEvent, EngineRequest } from "../../gpu-backend/src/engine/engine-types.ts";
 import { loadModel, releaseModel } from "../../gpu-backend/src/engine/model.ts";
-import { GOLDEN_DIR, childArgs, childDone, childMain } from "../lib/common.ts";
+import { GOLDEN_DIR, childArgs, childDone, childMain, spread } from "../lib/common.ts";
 
 export interface ConcurrencyArgs {
   modelDir: string;
@@ -25,6 +29,8 @@ export interface ConcurrencyArgs {
   tokens: number;
   /** Sweeps over all levels (1,2,4,8,1,2,4,8,…): slow drifts of a shared machine hit every level alike. */
   rounds: number;
+  /** The engine's `prefillChunk` per run of a level (0 = the whole prompt in one turn). */
+  prefillChunks: number[];
   /** The benchmark variant (e.g. int8-w8a8) for progress lines and the result; default the manifest dtype. */
   label?: string;
 }
@@ -32,12 +38,17 @@ export interface ConcurrencyArgs {
 export interface LevelResult {
   level: number;
   round: number;
+  prefill_chunk: number;
   aggregate_decode_tok_s: number;
   window_tokens: number;
   window_ms: number;
   end_to_end_tok_s: number;
   ttft_ms: number[];
   probe_ttft_ms: number;
+  /** Longest gap between consecutive tokens of a running stream overlapping the probe's admission; NaN if none ran. */
+  probe_stall_ms: number;
+  /** Median gap between consecutive tokens over all streams of the level. */
+  itl_median_ms: number;
   completion_tokens: number[];
   errors: string[];
 }
@@ -115,8 +126,8 @@ childMain(async () => {
   }
 
   const levels: LevelResult[] = [];
-  for (let round = 0; round < a.rounds; round++) for (const level of a.levels) {
-    const engine = new BatchingEngine(model, { maxBatch: a.maxBatch });
+  for (let round = 0; round < a.rounds; round++) for (const level of a.levels) for (const chunk of a.prefillChunks) {
+    const engine = new BatchingEngine(model, { maxBatch: a.maxBatch, prefillChunk: chunk });
     let probe: { trace: Trace; finished: Promise<void> } | null = null;
     const runs: Array<{ trace: Trace; finished: Promise<void> }> = [];
     const start = performance.now();
@@ -140,21 +151,35 @@ childMain(async () => {
     const end = Math.max(...traces.map((t) => t.done));
     const totalTokens = traces.reduce((n, t) => n + t.tokens.length, 0);
     const p = (probe as unknown as { trace: Trace }).trace;
+    const admitted = p.tokens[0] ?? p.done;
+    let stall = NaN;
+    const gaps: number[] = [];
+    for (const t of traces) {
+      for (let i = 1; i < t.tokens.length; i++) {
+        const [x, y] = [t.tokens[i - 1]!, t.tokens[i]!];
+        gaps.push(y - x);
+        if (y > p.submitted && x < admitted) stall = Number.isNaN(stall) ? y - x : Math.max(stall, y - x);
+      }
+    }
     const r: LevelResult = {
       level,
       round,
+      prefill_chunk: chunk,
       aggregate_decode_tok_s: windowMs > 0 ? inWindow / (windowMs / 1000) : NaN,
       window_tokens: inWindow,
       window_ms: windowMs,
       end_to_end_tok_s: totalTokens / ((end - start) / 1000),
       ttft_ms: traces.map((t) => (t.tokens[0] ?? NaN) - t.submitted),
       probe_ttft_ms: (p.tokens[0] ?? NaN) - p.submitted,
+      probe_stall_ms: stall,
+      itl_median_ms: spread(gaps).median,
       completion_tokens: traces.map((t) => t.tokens.length),
       errors,
     };
     levels.push(r);
     process.stderr.write(
-      `  ${label}: round ${round + 1}/${a.rounds}, ${level} stream(s): aggregate decode ${r.aggregate_decode_tok_s.toFixed(2)} tok/s, TTFT max ${(Math.max(...r.ttft_ms) / 1000).toFixed(2)} s, probe TTFT ${(r.probe_ttft_ms / 1000).toFixed(2)} s\n`,
+      `  ${label}: round ${round + 1}/${a.rounds}, ${level} stream(s), prefill chunk ${chunk || "whole"}: aggregate decode ${r.aggregate_decode_tok_s.toFixed(2)} tok/s, ` +
+        `TTFT max ${(Math.max(...r.ttft_ms) / 1000).toFixed(2)} s, probe TTFT ${(r.probe_ttft_ms / 1000).toFixed(2)} s, probe stall ${(stall / 1000).toFixed(2)} s\n`,
     );
   }
   await releaseModel(loaded);

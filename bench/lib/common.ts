@@ -51,6 +51,8 @@ export interface BenchOptions {
   maxBatch: number;
   /** concurrency suite: sweeps over the levels, interleaved */
   rounds: number;
+  /** concurrency suite: the engine's `prefillChunk` settings, each level run once per setting (0 = whole prompt) */
+  prefillChunks: number[];
   /** edge suite: requests per measurement, and concurrent clients */
   requests: number;
   clients: number;

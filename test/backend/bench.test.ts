@@ -34,6 +34,9 @@ describe("bench (quick, tiny model)", () => {
     expect(parseBenchArgs(["all", "--quick"]).suites).toEqual(["models", "single", "bandwidth", "concurrency", "kv", "edge"]);
     expect(parseBenchArgs(["kv"]).opts).toMatchObject({ kvDtypes: ["int4"], contexts: [300, 1024, 2048], kvRows: [1, 8] });
     expect(parseBenchArgs(["kv", "--dtypes", "int8", "--contexts", "64"]).opts).toMatchObject({ kvDtypes: ["int8"], contexts: [64] });
+    expect(parseBenchArgs(["concurrency"]).opts.prefillChunks).toEqual([0, 128]);
+    expect(parseBenchArgs(["concurrency", "--prefill-chunks", "64"]).opts.prefillChunks).toEqual([64]);
+    expect(() => parseBenchArgs(["concurrency", "--prefill-chunks", "-1"])).toThrow(UsageError);
     expect(() => parseBenchArgs(["nope"])).toThrow(UsageError);
     expect(() => parseBenchArgs(["single", "--dtypes", "int3"])).toThrow(UsageError);
     expect(() => parseBenchArgs(["single", "--tokens", "1"])).toThrow(UsageError);
@@ -116,16 +119,20 @@ describe("bench (quick, tiny model)", () => {
   }, 240_000);
 
   it("concurrency: aggregate decode per level through the BatchingEngine", async () => {
-    const [file] = await runBench(["concurrency", ...common, "--dtypes", "int4"]);
+    // 12 tokens: long enough for both streams to decode together after a chunked admission.
+    const [file] = await runBench(["concurrency", ...common, "--dtypes", "int4", "--tokens", "12"]);
     const r = readResult(file!);
     expectMachine(r);
     const levels = r.results[0].levels;
-    expect(levels.map((l: { level: number }) => l.level)).toEqual([1, 2]);
+    // Each level once per prefill-chunk setting: whole-prompt admission and the quick default of 32 tokens.
+    expect(levels.map((l: { level: number; prefill_chunk: number }) => [l.level, l.prefill_chunk])).toEqual([[1, 0], [1, 32], [2, 0], [2, 32]]);
     for (const l of levels) {
       expect(l.errors).toEqual([]);
-      expect(l.completion_tokens).toEqual(Array(l.level).fill(4 + l.level));
-      expect(positive(l.aggregate_decode_tok_s) && positive(l.probe_ttft_ms)).toBe(true);
+      expect(l.completion_tokens).toEqual(Array(l.level).fill(12 + l.level));
+      expect(positive(l.aggregate_decode_tok_s) && positive(l.probe_ttft_ms) && positive(l.itl_median_ms)).toBe(true);
       expect(l.ttft_ms).toHaveLength(l.level);
+      // One stream has finished when the probe arrives: with one level, nothing is left running to stall.
+      if (l.level === 2) expect(positive(l.probe_stall_ms)).toBe(true);
     }
   }, 240_000);
 

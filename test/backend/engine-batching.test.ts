@@ -142,4 +142,70 @@ describe("BatchingEngine", () => {
     expect(tokenIds(a)).not.toEqual(tokenIds(d));
     await engine.close();
   });
+
+  describe("prefillChunk: an arrival's prompt fed between the other sequences' decode steps", () => {
+    const decoding = cases[3]!;
+    const arrival = cases.find((c) => c.images.length > 0)!;
+    /** Submits `decoding`, then `arrival` once the first has streamed two tokens; returns both event logs in order. */
+    async function arrive(engine: BatchingEngine, onArrivalEvent?: (ev: EngineEvent) => void) {
+      const order: Array<[string, EngineEvent]> = [];
+      let arrived: Promise<EngineEvent[]> | null = null;
+      const first = collect(engine, requestFor(decoding, "A", { max_new_tokens: 90 }), (ev) => {
+        order.push(["A", ev]);
+        if (ev.type === "token" && !arrived && order.filter(([, e]) => e.type === "token").length === 2) {
+          arrived = collect(engine, requestFor(arrival, "B"), (e) => {
+            order.push(["B", e]);
+            onArrivalEvent?.(e);
+          });
+        }
+      });
+      const a = await first;
+      return { a, b: await arrived!, order };
+    }
+    /** A's tokens between B's start and B's first token. */
+    const tokensDuringAdmission = (order: Array<[string, EngineEvent]>) => {
+      const start = order.findIndex(([who, e]) => who === "B" && e.type === "start");
+      const firstB = order.findIndex(([who, e]) => who === "B" && e.type === "token");
+      return order.slice(start, firstB).filter(([who, e]) => who === "A" && e.type === "token").length;
+    };
+
+    it.each([0, 16])("chunk %i: both reproduce the golden ids; A streams through B's admission only when chunked", async (chunk) => {
+      const engine = new BatchingEngine(model, { maxBatch: 2, prefillChunk: chunk });
+      let activeAtStart = -1;
+      const { a, b, order } = await arrive(engine, (ev) => {
+        if (ev.type === "start") activeAtStart = engine.stats().active;
+      });
+      expect(tokenIds(a).slice(0, decoding.generated_ids.length)).toEqual(decoding.generated_ids);
+      expect(tokenIds(b)).toEqual(arrival.generated_ids);
+      expect(activeAtStart).toBe(2); // the request being admitted counts as active
+      // One unit per turn while A decodes: the vision encoder, then ⌈seq_len / chunk⌉ chunks; B's first token
+      // comes out in the turn of its last chunk, before that turn's decode step.
+      const units = 1 + Math.ceil(arrival.seq_len / chunk);
+      expect(tokensDuringAdmission(order)).toBe(chunk === 0 ? 0 : units - 1);
+      expect(engine.stats()).toMatchObject({ active: 0, queued: 0 });
+      await engine.close();
+    });
+
+    it("cancelling a request mid-prefill silences it and frees the admission for the next one", async () => {
+      const engine = new BatchingEngine(model, { maxBatch: 2, prefillChunk: 4 });
+      const seen: EngineEvent[] = [];
+      let submitted = false;
+      const a = collect(engine, requestFor(decoding, "A", { max_new_tokens: 40 }), (ev) => {
+        if (ev.type === "token" && !submitted) {
+          submitted = true;
+          engine.submit(requestFor(arrival, "B"), (e) => {
+            seen.push(e);
+            if (e.type === "start") setImmediate(() => engine.cancel("B"));
+          });
+        }
+      });
+      const kept = await a;
+      expect(tokenIds(kept).slice(0, decoding.generated_ids.length)).toEqual(decoding.generated_ids);
+      expect(seen.map((e) => e.type)).toEqual(["start"]);
+      expect(engine.stats()).toMatchObject({ active: 0, queued: 0 });
+      const next = await collect(engine, requestFor(arrival, "C"));
+      expect(tokenIds(next)).toEqual(arrival.generated_ids);
+      await engine.close();
+    });
+  });
 });

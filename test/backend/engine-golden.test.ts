@@ -11,10 +11,11 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { DEFAULT_PARAMS } from "../../shared/src/wire.ts";
 import { loadModel, releaseModel, type LoadedModel } from "../../gpu-backend/src/engine/model.ts";
 import { buildPrompt, createTokenizer } from "../../gpu-backend/src/engine/prompt.ts";
+import { Sequence, topK } from "../../gpu-backend/src/engine/generate.ts";
 import { getRopeIndex } from "../../gpu-backend/src/engine/rope-index.ts";
 import { runGeneration } from "../../gpu-backend/src/engine/run.ts";
 import type { ChatMessage } from "../../shared/src/chat-template.ts";
-import { GOLDEN_DIR, PROJECT_ROOT, loadGoldenCases } from "../support/golden.ts";
+import { GOLDEN_DIR, PROJECT_ROOT, type GoldenCase, loadGoldenCases, loadGoldenF32 } from "../support/golden.ts";
 import { buildTinyModel } from "../support/tiny-model.ts";
 
 const cases = loadGoldenCases();
@@ -30,6 +31,37 @@ afterAll(async () => {
   if (model) await releaseModel(model);
   rmSync(work, { recursive: true, force: true });
 });
+
+/**
+ * Feeds case `c`'s prompt in chunks of `chunk` tokens (Sequence.prepare, then prefillNext until it returns
+ * logits), checks the chunk accounting and then the greedy ids; returns max |Δ| of the prefill logits from
+ * the golden ones.
+ */
+async function chunkedPrefill(m: LoadedModel, c: GoldenCase, chunk: number): Promise<number> {
+  const prompt = await buildPrompt(m, createTokenizer(m), c.messages as ChatMessage[], GOLDEN_DIR);
+  const seq = new Sequence(m, prompt);
+  expect(seq.prepared).toBe(false);
+  await seq.prepare();
+  expect(seq.prepared).toBe(true);
+  expect(seq.prefillRemaining).toBe(c.seq_len);
+  let logits: Float32Array | null = null;
+  let runs = 0;
+  while (!logits) {
+    logits = await seq.prefillNext(chunk);
+    runs++;
+    expect(seq.prefillRemaining).toBe(Math.max(0, c.seq_len - runs * chunk));
+  }
+  expect(runs).toBe(Math.ceil(c.seq_len / chunk));
+  await expect(seq.prefillNext(chunk)).rejects.toMatchObject({ code: "internal_error" });
+  const ref = loadGoldenF32(c.prefill_logits.file);
+  let diff = 0;
+  for (let i = 0; i < ref.length; i++) diff = Math.max(diff, Math.abs(logits[i]! - ref[i]!));
+  const ids = [topK(logits, 1)[0]![0]];
+  while (ids.length < c.generated_ids.length) ids.push(topK(await seq.step(ids.at(-1)!), 1)[0]![0]);
+  expect(ids, `${c.case}, chunks of ${chunk}`).toEqual(c.generated_ids);
+  seq.release();
+  return diff;
+}
 
 describe.each(cases.map((c) => [c.case, c] as const))("%s", (_name, c) => {
   it("builds the reference input ids, grids and M-RoPE positions", async () => {
@@ -63,6 +95,11 @@ describe.each(cases.map((c) => [c.case, c] as const))("%s", (_name, c) => {
     });
     expect(maxDiff).toBeLessThanOrEqual(1e-4);
     expect(r.text).toBe(forced.text.replace("<|im_end|>", ""));
+  });
+
+  // 7 splits the image tokens and the text across chunks; each chunk attends to the cache and to itself.
+  it("the prompt fed in chunks (prefillNext) gives the golden prefill logits and greedy ids", async () => {
+    expect(await chunkedPrefill(model, c, 7)).toBeLessThanOrEqual(1e-5);
   });
 });
 
@@ -99,6 +136,10 @@ describe("the onnx-community decoder (present.* KV contract, as other exporters 
       });
     }
     expect(worst).toBeLessThanOrEqual(1e-4);
+  }, 120_000);
+
+  it("feeds a prompt in chunks too (the whole cache passes through the graph's Concat each chunk)", async () => {
+    for (const c of cases) expect(await chunkedPrefill(m, c, 50), c.case).toBeLessThanOrEqual(1e-5);
   }, 120_000);
 });
 

@@ -35,6 +35,7 @@ describe("loadBackendConfig", () => {
       ortThreads: null,
       queueSize: 16,
       maxBatch: 8,
+      prefillChunk: 128,
       maxNewTokensCap: 2048,
       maxTotalTokens: CONFIG_DEFAULTS.maxTotalTokens,
       maxImageTokens: CONFIG_DEFAULTS.maxImageTokens,
@@ -52,6 +53,7 @@ describe("loadBackendConfig", () => {
       ORT_THREADS: "4",
       QUEUE_SIZE: "32",
       MAX_BATCH: "16",
+      PREFILL_CHUNK: "0",
       MAX_NEW_TOKENS_CAP: "1024",
       MAX_TOTAL_TOKENS: "8192",
       MAX_IMAGE_TOKENS: "4096",
@@ -65,6 +67,7 @@ describe("loadBackendConfig", () => {
       ortThreads: 4,
       queueSize: 32,
       maxBatch: 16,
+      prefillChunk: 0,
       maxNewTokensCap: 1024,
       maxTotalTokens: 8192,
       maxImageTokens: 4096,
@@ -76,13 +79,14 @@ describe("loadBackendConfig", () => {
   });
 
   it("lists every problem at once, naming each variable", () => {
-    const p = problems({ BACKEND_HMAC_SECRET: "short", EXECUTION_PROVIDER: "tpu", QUEUE_SIZE: "-1", MAX_BATCH: "eight", BACKEND_PORT: "70000" });
-    expect(p).toHaveLength(6);
+    const p = problems({ BACKEND_HMAC_SECRET: "short", EXECUTION_PROVIDER: "tpu", QUEUE_SIZE: "-1", MAX_BATCH: "eight", BACKEND_PORT: "70000", PREFILL_CHUNK: "-5" });
+    expect(p).toHaveLength(7);
     expect(p.join("\n")).toMatch(/MODEL_DIR is required/);
     expect(p.join("\n")).toMatch(/BACKEND_HMAC_SECRET must be at least 16 characters/);
     expect(p.join("\n")).toMatch(/EXECUTION_PROVIDER must be "cpu" or "cuda"/);
     expect(p.join("\n")).toMatch(/QUEUE_SIZE must be an integer/);
     expect(p.join("\n")).toMatch(/MAX_BATCH must be an integer/);
+    expect(p.join("\n")).toMatch(/PREFILL_CHUNK must be an integer in \[0, 1000000\]/);
     expect(p.join("\n")).toMatch(/BACKEND_PORT must be an integer in \[0, 65535\]/);
     try {
       loadBackendConfig({});

@@ -1,8 +1,10 @@
 /**
  * The serving engine: continuous batching in the thread that owns the ONNX Runtime sessions. Each loop
- * turn admits at most one waiting request (image preprocessing, grid check, prefill, first token), then
- * runs ONE decode step for every active sequence together (`decodeBatch`); finished sequences leave and
- * waiting ones join between steps. Implements the delivery rules of engine-types.ts.
+ * turn advances the one request being admitted (image preprocessing and grid check when it starts; then its
+ * prefill: whole when nothing else is decoding, else one unit of at most `prefillChunk` prompt tokens, the
+ * vision encoder being a unit of its own; the first token when the prompt is in), then runs ONE decode step
+ * for every active sequence together (`decodeBatch`); finished sequences leave and admitted ones join
+ * between steps. Implements the delivery rules of engine-types.ts.
  */
 import { ApiError, isErrorCode, type ErrorCode } from "../../../shared/src/errors.ts";
 import { ImageDecodeError, preprocessImages } from "../preprocess/index.ts";
@@ -20,6 +22,13 @@ export interface BatchingEngineOptions {
   maxBatch: number;
   /** Cap on a request's image tokens (the server checks it too, from the edge's grid). */
   maxImageTokens?: number;
+  /**
+   * While other sequences are decoding, a new request's prompt is fed in chunks of at most this many tokens,
+   * one chunk (or its vision encoder) per decode step of the others, so an arrival stalls their streams for
+   * one chunk instead of its whole prefill, at the cost of its own time to first token. 0 (default): the
+   * whole prefill in one turn.
+   */
+  prefillChunk?: number;
 }
 
 interface Live {
@@ -46,6 +55,8 @@ function toError(e: unknown): { code: ErrorCode; message: string } {
 export class BatchingEngine implements Engine {
   private readonly waiting: Live[] = [];
   private readonly active: Live[] = [];
+  /** The request being admitted: started (its `start` event sent), its prompt not yet all in the cache. */
+  private prefilling: Live | null = null;
   private readonly byId = new Map<string, Live>();
   private wake: (() => void) | null = null;
   private closed = false;
@@ -82,7 +93,7 @@ export class BatchingEngine implements Engine {
   }
 
   stats(): EngineStats {
-    return { active: this.active.length, queued: this.waiting.length, capacity: this.opts.maxBatch, ready: !this.closed };
+    return { active: this.active.length + (this.prefilling ? 1 : 0), queued: this.waiting.length, capacity: this.opts.maxBatch, ready: !this.closed };
   }
 
   async close(): Promise<void> {
@@ -98,6 +109,7 @@ export class BatchingEngine implements Engine {
     if (w >= 0) this.waiting.splice(w, 1);
     const a = this.active.indexOf(live);
     if (a >= 0) this.active.splice(a, 1);
+    if (this.prefilling === live) this.prefilling = null;
   }
 
   /** Sends an event unless the request was cancelled (cancel silences a request at once). */
@@ -138,8 +150,8 @@ export class BatchingEngine implements Engine {
     if (live.gen!.done) this.finish(live);
   }
 
-  /** Preprocesses the images, checks them against the edge's grid, prefills and emits the first token. */
-  private async admit(live: Live): Promise<void> {
+  /** Preprocesses the images, checks them against the edge's grid, sends `start`; the prefill follows. */
+  private async start(live: Live): Promise<void> {
     const { req } = live;
     const pre = req.images.length
       ? await preprocessImages(
@@ -162,6 +174,7 @@ export class BatchingEngine implements Engine {
       { signal: live.abort.signal },
     );
     live.startedAt = Date.now();
+    this.prefilling = live;
     this.emit(live, {
       type: "start",
       request_id: req.id,
@@ -169,20 +182,39 @@ export class BatchingEngine implements Engine {
       image_tokens: live.imageTokens,
       queue_ms: live.startedAt - live.enqueuedAt,
     });
-    const first = live.gen.accept(await live.gen.seq.prefill());
-    if (this.byId.get(req.id) !== live) return;
+  }
+
+  /** One turn of the admitted request's prefill; with the prompt in, it emits the first token and joins the batch. */
+  private async prefillTurn(live: Live): Promise<void> {
+    const seq = live.gen!.seq;
+    const chunk = this.opts.prefillChunk ?? 0;
+    let logits: Float32Array | null = null;
+    if (chunk <= 0 || this.active.length === 0) logits = await seq.prefillNext();
+    else if (!seq.prepared) await seq.prepare();
+    else logits = await seq.prefillNext(chunk);
+    if (!logits || this.byId.get(live.req.id) !== live) return;
+    this.prefilling = null;
+    const first = live.gen!.accept(logits);
     this.active.push(live);
     this.token(live, first);
   }
 
   private async run(): Promise<void> {
     while (!this.closed) {
-      const next = this.active.length < this.opts.maxBatch ? this.waiting.shift() : undefined;
+      const next = !this.prefilling && this.active.length < this.opts.maxBatch ? this.waiting.shift() : undefined;
       if (next) {
         try {
-          await this.admit(next);
+          await this.start(next);
         } catch (e) {
           this.fail(next, e);
+        }
+      }
+      const admitting = this.prefilling;
+      if (admitting) {
+        try {
+          await this.prefillTurn(admitting);
+        } catch (e) {
+          this.fail(admitting, e);
         }
       }
       const batch = [...this.active];
@@ -204,7 +236,7 @@ export class BatchingEngine implements Engine {
           if (!(e instanceof CancelledError)) for (const live of batch) this.fail(live, e);
         }
       }
-      if (!next && batch.length === 0) {
+      if (!next && !admitting && batch.length === 0) {
         await new Promise<void>((resolve) => {
           this.wake = resolve;
           if (this.waiting.length > 0 || this.closed) resolve();

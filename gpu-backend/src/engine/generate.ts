@@ -92,6 +92,8 @@ export class Sequence {
   /** KV cache: its own (one row holding `fed` positions), or a row of a batch's. */
   private kv: KvState = { kind: "own", cache: null };
   private ropeDeltas = 0;
+  /** The prompt's embeddings and positions between {@link prepare} and its last {@link prefillNext} chunk. */
+  private pendingPrompt: { embeds: ort.Tensor; positions: [Int32Array, Int32Array, Int32Array] } | null = null;
   /** Tokens in the KV cache (prompt + generated tokens fed back). */
   fed = 0;
   readonly timings: StepTimings = { vision_ms: 0, prefill_ms: 0, decode_ms: [] };
@@ -194,8 +196,12 @@ export class Sequence {
     return toF32(logits).subarray((rows - 1) * vocab, rows * vocab);
   }
 
-  /** Vision + embeddings + positions + the prompt's forward pass: logits of the first generated token. */
-  async prefill(): Promise<Float32Array> {
+  /**
+   * Vision encoder, token embeddings with the image features scattered in, and M-RoPE positions: everything
+   * the prompt's forward pass needs, computed once. {@link prefillNext} then feeds the prompt.
+   */
+  async prepare(): Promise<void> {
+    if (this.prepared) return;
     this.check();
     const { inputIds } = this.prompt;
     const features = await this.vision();
@@ -214,9 +220,50 @@ export class Sequence {
       visionStartTokenId: this.model.meta.vision_start_token_id,
     });
     this.ropeDeltas = rope.ropeDeltas;
-    const logits = await this.decode(embeds, rope.positionIds);
-    this.timings.prefill_ms = performance.now() - t0;
+    this.pendingPrompt = { embeds, positions: rope.positionIds };
+    this.timings.prefill_ms += performance.now() - t0;
+  }
+
+  /** {@link prepare} has run (or the prompt is already in the cache). */
+  get prepared(): boolean {
+    return this.pendingPrompt !== null || this.fed > 0;
+  }
+
+  /** Prompt tokens not yet fed to the decoder (the whole prompt before {@link prepare}). */
+  get prefillRemaining(): number {
+    return this.seqLen - Math.min(this.fed, this.seqLen);
+  }
+
+  /**
+   * Feeds the next `maxTokens` prompt tokens (all that remain by default) through the decoder, preparing first
+   * if needed. Returns the first generated token's logits once the whole prompt is in the cache, else null.
+   * Feeding a long prompt in chunks lets a server interleave it with other sequences' decode steps; the
+   * logits equal the single pass's up to float summation order (each chunk attends to the cache and itself).
+   */
+  async prefillNext(maxTokens = Infinity): Promise<Float32Array | null> {
+    if (!(maxTokens >= 1)) throw new GenerationError("internal_error", `prefill chunk of ${maxTokens} tokens`);
+    await this.prepare();
+    const p = this.pendingPrompt;
+    if (!p) throw new GenerationError("internal_error", "the prompt was already fed");
+    this.check();
+    const t0 = performance.now();
+    const from = this.fed;
+    const to = Math.min(this.seqLen, from + maxTokens);
+    const hidden = p.embeds.dims[2]!;
+    const whole = from === 0 && to === this.seqLen;
+    const embeds = whole
+      ? p.embeds
+      : new ort.Tensor(p.embeds.type, (p.embeds.data as FloatData).slice(from * hidden, to * hidden), [1, to - from, hidden]);
+    const logits = await this.decode(embeds, [p.positions[0].subarray(from, to), p.positions[1].subarray(from, to), p.positions[2].subarray(from, to)]);
+    this.timings.prefill_ms += performance.now() - t0;
+    if (to < this.seqLen) return null;
+    this.pendingPrompt = null;
     return logits;
+  }
+
+  /** Vision + embeddings + positions + the prompt's forward pass: logits of the first generated token. */
+  async prefill(): Promise<Float32Array> {
+    return (await this.prefillNext())!;
   }
 
   /** Position of the next token fed back: `seq_len + k + rope_deltas` for the k-th generated token. */
@@ -241,6 +288,7 @@ export class Sequence {
   /** Drops the KV cache (the request's memory) at once. */
   release(): void {
     this.kv = { kind: "own", cache: null };
+    this.pendingPrompt = null;
   }
 }
 

@@ -23,6 +23,8 @@ export interface BackendConfig {
   queueSize: number;
   /** Sequences generated at once by the engine. */
   maxBatch: number;
+  /** Prompt tokens per prefill run while other sequences decode (the engine's `prefillChunk`); 0 = whole prompt. */
+  prefillChunk: number;
   maxNewTokensCap: number;
   /** Prompt + image + new tokens of one request (also bounded by the model's context). */
   maxTotalTokens: number;
@@ -49,6 +51,7 @@ export const CONFIG_DEFAULTS = {
   host: "127.0.0.1",
   queueSize: 16,
   maxBatch: 8,
+  prefillChunk: 128,
   maxNewTokensCap: 2048,
   maxTotalTokens: 32_768,
   maxImageTokens: 16_384,
@@ -112,6 +115,7 @@ export function loadBackendConfig(env: Env): BackendConfig {
     ortThreads: int("ORT_THREADS", null, 1, 1024),
     queueSize: int("QUEUE_SIZE", CONFIG_DEFAULTS.queueSize, 1, 100_000)!,
     maxBatch: int("MAX_BATCH", CONFIG_DEFAULTS.maxBatch, 1, 1024)!,
+    prefillChunk: int("PREFILL_CHUNK", CONFIG_DEFAULTS.prefillChunk, 0, 1_000_000)!,
     maxNewTokensCap: int("MAX_NEW_TOKENS_CAP", CONFIG_DEFAULTS.maxNewTokensCap, 1, 1_000_000)!,
     maxTotalTokens: int("MAX_TOTAL_TOKENS", CONFIG_DEFAULTS.maxTotalTokens, 1, 10_000_000)!,
     maxImageTokens: int("MAX_IMAGE_TOKENS", CONFIG_DEFAULTS.maxImageTokens, 1, 10_000_000)!,
