@@ -49,9 +49,9 @@ export type EngineEvent = BackendEvent & { request_id: string };
 
 /** A snapshot of the engine's load; cheap, synchronous. */
 export interface EngineStats {
-  /** Sequences being generated now (in the running batch). */
+  /** Sequences being generated now: the running batch and the request being admitted (preprocessing or prefill). */
   active: number;
-  /** Submitted requests waiting for a batch slot (including those being preprocessed). */
+  /** Submitted requests waiting for a batch slot. */
   queued: number;
   /** Batch size: how many sequences run at once (MAX_BATCH). */
   capacity: number;

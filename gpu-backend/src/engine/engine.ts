@@ -55,7 +55,7 @@ function toError(e: unknown): { code: ErrorCode; message: string } {
 export class BatchingEngine implements Engine {
   private readonly waiting: Live[] = [];
   private readonly active: Live[] = [];
-  /** The request being admitted: started (its `start` event sent), its prompt not yet all in the cache. */
+  /** The request being admitted: its images being preprocessed, or started with its prompt not yet all in the cache. */
   private prefilling: Live | null = null;
   private readonly byId = new Map<string, Live>();
   private wake: (() => void) | null = null;
@@ -153,6 +153,7 @@ export class BatchingEngine implements Engine {
   /** Preprocesses the images, checks them against the edge's grid, sends `start`; the prefill follows. */
   private async start(live: Live): Promise<void> {
     const { req } = live;
+    this.prefilling = live;
     const pre = req.images.length
       ? await preprocessImages(
           req.images.map((im) => ({ bytes: im.bytes, minPixels: im.minPixels, maxPixels: im.maxPixels })),
@@ -174,7 +175,6 @@ export class BatchingEngine implements Engine {
       { signal: live.abort.signal },
     );
     live.startedAt = Date.now();
-    this.prefilling = live;
     this.emit(live, {
       type: "start",
       request_id: req.id,
