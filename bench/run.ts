@@ -8,6 +8,8 @@
  *                and transformers.js on our fp32 files as the ratio ours/theirs
  *   bandwidth    memory read bandwidth, and each dtype's decode speed as a fraction of bandwidth / decoder bytes
  *   concurrency  aggregate decode tok/s and TTFT with 1, 2, 4, 8 simultaneous requests (BatchingEngine)
+ *   arrivals     open-loop Poisson traffic at an offered load: TTFT, latency and token-gap percentiles per
+ *                prefill-chunk setting, all on the same schedule; default variants int4 and int8-w8a8
  *   kv           the decode step with the append KV contract vs the onnx-community one (both graphs of one
  *                folder, interleaved) per context length and batch size; default variant int4
  *   edge         the worker under `wrangler dev` against an instant backend double: req/s, p50/p99, cold start,
@@ -16,7 +18,7 @@
  *
  * Options: --dtypes fp32,int8,int4,int8-w8a8 (also fp16)  --runs 3  --tokens 32  --threads 2  --quick  --cache /tmp/medvlm-bench-cache
  *          --results-dir bench/results  --levels 1,2,4,8  --max-batch 8  --rounds 1  --requests 300  --clients 8
- *          --bandwidth-mib 1024  --contexts 300,1024,2048  --kv-rows 1,8  --prefill-chunks 0,128  --no-tjs  --child-timeout 900  --drop-checkpoint
+ *          --bandwidth-mib 1024  --contexts 300,1024,2048  --kv-rows 1,8  --prefill-chunks 0,128  --arrivals 16  --load 1  --seed 1  --no-tjs  --child-timeout 900  --drop-checkpoint
  * Each suite prints a table and writes bench/results/<suite>-<timestamp>.json (with machine info).
  */
 import { join } from "node:path";
@@ -24,13 +26,14 @@ import { parseArgs } from "node:util";
 import { CONFIG_DEFAULTS } from "../gpu-backend/src/server/config.ts";
 import { ALL_DTYPES, BENCH_DIR, DEFAULT_CACHE, DEFAULT_DTYPES, type BenchOptions, type Dtype, log } from "./lib/common.ts";
 
-export const SUITES = ["models", "single", "bandwidth", "concurrency", "kv", "edge"] as const;
+export const SUITES = ["models", "single", "bandwidth", "concurrency", "arrivals", "kv", "edge"] as const;
 export type Suite = (typeof SUITES)[number];
 
 const USAGE =
-  "usage: npm run bench -- <models|single|bandwidth|concurrency|kv|edge|all> [--dtypes fp32,int8,int4,int8-w8a8] [--runs N] [--tokens N] [--threads N]\n" +
+  "usage: npm run bench -- <models|single|bandwidth|concurrency|arrivals|kv|edge|all> [--dtypes fp32,int8,int4,int8-w8a8] [--runs N] [--tokens N] [--threads N]\n" +
   "       [--quick] [--cache DIR] [--results-dir DIR] [--levels 1,2,4,8] [--max-batch N] [--rounds N] [--requests N] [--clients N]\n" +
-  "       [--bandwidth-mib N] [--contexts 300,1024,2048] [--kv-rows 1,8] [--prefill-chunks 0,128] [--no-tjs] [--child-timeout S] [--drop-checkpoint]";
+  "       [--bandwidth-mib N] [--contexts 300,1024,2048] [--kv-rows 1,8] [--prefill-chunks 0,128]\n" +
+  "       [--arrivals N] [--load X] [--seed N] [--no-tjs] [--child-timeout S] [--drop-checkpoint]";
 
 export class UsageError extends Error {}
 
@@ -57,6 +60,9 @@ export function parseBenchArgs(argv: string[]): { suites: Suite[]; opts: BenchOp
         contexts: { type: "string" },
         "kv-rows": { type: "string" },
         "prefill-chunks": { type: "string" },
+        arrivals: { type: "string" },
+        load: { type: "string" },
+        seed: { type: "string" },
         "no-tjs": { type: "boolean", default: false },
         "child-timeout": { type: "string" },
         "drop-checkpoint": { type: "boolean", default: false },
@@ -77,6 +83,12 @@ export function parseBenchArgs(argv: string[]): { suites: Suite[]; opts: BenchOp
     const n = Number(s);
     if (!Number.isInteger(n) || n < min) throw new UsageError(`--${key} must be an integer ≥ ${min}, got ${s}`);
     return n;
+  };
+  const positive = (key: string, s: string | undefined, dflt: number): number => {
+    if (s === undefined) return dflt;
+    const x = Number(s);
+    if (!Number.isFinite(x) || x <= 0) throw new UsageError(`--${key} must be a positive number, got ${s}`);
+    return x;
   };
   const quick = v.quick;
   // int8-w8a8 (int8 with W8A8 decoder layers and vision: the fastest time to first token) is a supported
@@ -104,6 +116,11 @@ export function parseBenchArgs(argv: string[]): { suites: Suite[]; opts: BenchOp
     kvRows: (v["kv-rows"] ?? (quick ? "1,2" : "1,8")).split(",").map((s) => int("kv-rows", s, 1)),
     // The serving default against whole-prompt admission (0) as its peer; the tiny model's prompts are short.
     prefillChunks: (v["prefill-chunks"] ?? (quick ? "0,32" : `0,${CONFIG_DEFAULTS.prefillChunk}`)).split(",").map((s) => int("prefill-chunks", s, 0, 0)),
+    // The two serving configurations: int4 (least memory) and int8-w8a8 (fastest first token).
+    arrivalsDtypes: v.dtypes === undefined ? (quick ? ["int4"] : ["int4", "int8-w8a8"]) : dtypes,
+    arrivals: int("arrivals", v.arrivals, quick ? 6 : 16),
+    load: positive("load", v.load, 1),
+    seed: int("seed", v.seed, 1, 0),
     noTjs: v["no-tjs"],
     childTimeoutS: int("child-timeout", v["child-timeout"], 900),
     dropCheckpoint: v["drop-checkpoint"],
@@ -130,6 +147,9 @@ export async function runBench(argv: string[]): Promise<string[]> {
         break;
       case "concurrency":
         r = await (await import("./suites/concurrency.ts")).concurrencySuite(opts);
+        break;
+      case "arrivals":
+        r = await (await import("./suites/arrivals.ts")).arrivalsSuite(opts);
         break;
       case "kv":
         r = await (await import("./suites/kv.ts")).kvSuite(opts);

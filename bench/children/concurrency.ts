@@ -13,13 +13,10 @@
  * Each level runs once per engine `prefillChunk` setting (whole-prompt admission vs chunked); the sweep over
  * levels and settings is repeated `rounds` times.
  */
-import { readFileSync } from "node:fs";
-import { join } from "node:path";
-import { DEFAULT_PARAMS } from "../../shared/src/wire.ts";
 import { BatchingEngine } from "../../gpu-backend/src/engine/engine.ts";
-import type { EngineEvent, EngineRequest } from "../../gpu-backend/src/engine/engine-types.ts";
 import { loadModel, releaseModel } from "../../gpu-backend/src/engine/model.ts";
-import { GOLDEN_DIR, childArgs, childDone, childMain, spread } from "../lib/common.ts";
+import { childArgs, childDone, childMain, spread } from "../lib/common.ts";
+import { type Trace, evalRequest, submitTraced, tokenGaps } from "../lib/traces.ts";
 
 export interface ConcurrencyArgs {
   modelDir: string;
@@ -63,51 +60,6 @@ export interface ConcurrencyResult {
   peak_rss_bytes: number;
 }
 
-const c01 = JSON.parse(readFileSync(join(GOLDEN_DIR, "cases-a", "case_01.json"), "utf8")) as {
-  input_ids: number[];
-  images: Array<{ image: string; grid_thw: [number, number, number]; qwen_vl_utils_kwargs: { min_pixels?: number; max_pixels?: number } }>;
-};
-const imageBytes = c01.images.map((im) => new Uint8Array(readFileSync(join(GOLDEN_DIR, im.image))));
-
-function request(id: string, maxNew: number): EngineRequest {
-  return {
-    id,
-    inputIds: Int32Array.from(c01.input_ids),
-    images: c01.images.map((im, i) => ({
-      bytes: imageBytes[i]!,
-      mime: "image/png",
-      minPixels: im.qwen_vl_utils_kwargs.min_pixels ?? 3136,
-      maxPixels: im.qwen_vl_utils_kwargs.max_pixels ?? 12845056,
-      expectedGrid: im.grid_thw,
-    })),
-    params: { ...DEFAULT_PARAMS, max_new_tokens: maxNew },
-    deadlineMs: null,
-  };
-}
-
-interface Trace {
-  submitted: number;
-  tokens: number[];
-  done: number;
-  error?: string;
-}
-
-function submit(engine: BatchingEngine, req: EngineRequest, onDone?: () => void): { trace: Trace; finished: Promise<void> } {
-  const trace: Trace = { submitted: performance.now(), tokens: [], done: NaN };
-  const finished = new Promise<void>((resolve) => {
-    engine.submit(req, (ev: EngineEvent) => {
-      if (ev.type === "token") trace.tokens.push(performance.now());
-      else if (ev.type === "done" || ev.type === "error") {
-        trace.done = performance.now();
-        if (ev.type === "error") trace.error = `${ev.code}: ${ev.message}`;
-        onDone?.();
-        resolve();
-      }
-    });
-  });
-  return { trace, finished };
-}
-
 childMain(async () => {
   const a = childArgs<ConcurrencyArgs>();
   const t0 = performance.now();
@@ -121,7 +73,7 @@ childMain(async () => {
   {
     // Warm-up: one batch of two, so that batched kernels are compiled too.
     const engine = new BatchingEngine(model, { maxBatch: a.maxBatch });
-    await Promise.all([submit(engine, request("warm-0", 3)).finished, submit(engine, request("warm-1", 3)).finished]);
+    await Promise.all([submitTraced(engine, evalRequest("warm-0", 3)).finished, submitTraced(engine, evalRequest("warm-1", 3)).finished]);
     await engine.close();
   }
 
@@ -133,8 +85,8 @@ childMain(async () => {
     const start = performance.now();
     for (let i = 0; i < level; i++) {
       runs.push(
-        submit(engine, request(`L${level}-${i}`, a.tokens + level), () => {
-          probe ??= submit(engine, request(`L${level}-probe`, 1));
+        submitTraced(engine, evalRequest(`L${level}-${i}`, a.tokens + level), () => {
+          probe ??= submitTraced(engine, evalRequest(`L${level}-probe`, 1));
         }),
       );
     }
@@ -153,11 +105,9 @@ childMain(async () => {
     const p = (probe as unknown as { trace: Trace }).trace;
     const admitted = p.tokens[0] ?? p.done;
     let stall = NaN;
-    const gaps: number[] = [];
     for (const t of traces) {
       for (let i = 1; i < t.tokens.length; i++) {
         const [x, y] = [t.tokens[i - 1]!, t.tokens[i]!];
-        gaps.push(y - x);
         if (y > p.submitted && x < admitted) stall = Number.isNaN(stall) ? y - x : Math.max(stall, y - x);
       }
     }
@@ -172,7 +122,7 @@ childMain(async () => {
       ttft_ms: traces.map((t) => (t.tokens[0] ?? NaN) - t.submitted),
       probe_ttft_ms: (p.tokens[0] ?? NaN) - p.submitted,
       probe_stall_ms: stall,
-      itl_median_ms: spread(gaps).median,
+      itl_median_ms: spread(tokenGaps(traces)).median,
       completion_tokens: traces.map((t) => t.tokens.length),
       errors,
     };

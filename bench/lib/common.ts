@@ -53,6 +53,11 @@ export interface BenchOptions {
   rounds: number;
   /** concurrency suite: the engine's `prefillChunk` settings, each level run once per setting (0 = whole prompt) */
   prefillChunks: number[];
+  /** arrivals suite: variants (int4 and int8-w8a8 unless --dtypes is given), requests per run, offered load, schedule seed */
+  arrivalsDtypes: Dtype[];
+  arrivals: number;
+  load: number;
+  seed: number;
   /** edge suite: requests per measurement, and concurrent clients */
   requests: number;
   clients: number;
@@ -88,9 +93,9 @@ export function spread(values: number[]): Spread {
   return { median, min: v[0]!, max: v[v.length - 1]!, n: v.length };
 }
 
-/** The p-th percentile (0..100), nearest-rank. */
+/** The p-th percentile (0..100) of the finite values, nearest-rank. */
 export function percentile(values: number[], p: number): number {
-  const v = [...values].sort((a, b) => a - b);
+  const v = values.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
   if (v.length === 0) return NaN;
   const rank = Math.min(v.length, Math.max(1, Math.ceil((p / 100) * v.length)));
   return v[rank - 1]!;

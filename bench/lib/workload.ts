@@ -5,6 +5,7 @@
  */
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
+import { Xoshiro128StarStar } from "../../gpu-backend/src/engine/sampling.ts";
 import { GOLDEN_DIR } from "./common.ts";
 
 /**
@@ -51,4 +52,20 @@ export function evalPrompt(): EvalPrompt {
     promptTokens: c.input_ids.length,
     imageTokens: (grid[0]! * grid[1]! * grid[2]!) / 4,
   };
+}
+
+/**
+ * Arrival times (ms after the first, which is at 0) of `n` requests from a Poisson process at `ratePerS`
+ * requests per second: exponential gaps drawn from the engine's own seeded generator, so every setting compared
+ * in a run (and every run with the same seed and rate) sees the same traffic.
+ */
+export function poissonArrivals(n: number, ratePerS: number, seed: number): number[] {
+  if (!(ratePerS > 0) || !Number.isFinite(ratePerS)) throw new RangeError(`rate must be a positive number, got ${ratePerS}`);
+  const rng = new Xoshiro128StarStar(seed);
+  const out: number[] = [];
+  for (let i = 0, t = 0; i < n; i++) {
+    out.push(t);
+    t += (-Math.log(1 - rng.nextDouble()) / ratePerS) * 1000;
+  }
+  return out;
 }

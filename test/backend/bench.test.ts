@@ -6,8 +6,11 @@ import { mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, symlinkSync,
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
+import type { ArrivalsRun } from "../../bench/children/arrivals.ts";
 import { conversionMismatch } from "../../bench/lib/models.ts";
+import { poissonArrivals } from "../../bench/lib/workload.ts";
 import { parseBenchArgs, runBench, UsageError } from "../../bench/run.ts";
+import { summarizeArrivals } from "../../bench/suites/arrivals.ts";
 import { CONVERTER_REVISION } from "../../gpu-backend/src/convert/index.ts";
 
 const work = mkdtempSync(join(tmpdir(), "bench-smoke-"));
@@ -31,7 +34,11 @@ describe("bench (quick, tiny model)", () => {
     const { suites, opts } = parseBenchArgs(["single", "--dtypes", "fp32,int4", "--runs", "3", "--tokens", "32", "--threads", "2"]);
     expect(suites).toEqual(["single"]);
     expect(opts).toMatchObject({ dtypes: ["fp32", "int4"], runs: 3, tokens: 32, threads: 2, quick: false });
-    expect(parseBenchArgs(["all", "--quick"]).suites).toEqual(["models", "single", "bandwidth", "concurrency", "kv", "edge"]);
+    expect(parseBenchArgs(["all", "--quick"]).suites).toEqual(["models", "single", "bandwidth", "concurrency", "arrivals", "kv", "edge"]);
+    expect(parseBenchArgs(["arrivals"]).opts).toMatchObject({ arrivalsDtypes: ["int4", "int8-w8a8"], arrivals: 16, load: 1, seed: 1, prefillChunks: [0, 128] });
+    expect(parseBenchArgs(["arrivals", "--dtypes", "fp32", "--load", "0.5", "--arrivals", "4", "--seed", "0"]).opts).toMatchObject({ arrivalsDtypes: ["fp32"], load: 0.5, arrivals: 4, seed: 0 });
+    expect(() => parseBenchArgs(["arrivals", "--load", "0"])).toThrow(UsageError);
+    expect(() => parseBenchArgs(["arrivals", "--load", "x"])).toThrow(UsageError);
     expect(parseBenchArgs(["kv"]).opts).toMatchObject({ kvDtypes: ["int4"], contexts: [300, 1024, 2048], kvRows: [1, 8] });
     expect(parseBenchArgs(["kv", "--dtypes", "int8", "--contexts", "64"]).opts).toMatchObject({ kvDtypes: ["int8"], contexts: [64] });
     expect(parseBenchArgs(["concurrency"]).opts.prefillChunks).toEqual([0, 128]);
@@ -134,6 +141,52 @@ describe("bench (quick, tiny model)", () => {
       // One stream has finished when the probe arrives: with one level, nothing is left running to stall.
       if (l.level === 2) expect(positive(l.probe_stall_ms)).toBe(true);
     }
+  }, 240_000);
+
+  it("arrivals: a seeded Poisson schedule, and latency percentiles pooled over rounds per setting", () => {
+    const a = poissonArrivals(5000, 2, 7);
+    expect(a[0]).toBe(0);
+    for (let i = 1; i < a.length; i++) expect(a[i]!).toBeGreaterThan(a[i - 1]!);
+    expect(poissonArrivals(5000, 2, 7)).toEqual(a);
+    expect(poissonArrivals(5, 2, 8)).not.toEqual(a.slice(0, 5));
+    // Exponential gaps at 2 req/s: mean 500 ms (standard error 7 ms over 4999 gaps), and a coefficient of variation of 1.
+    const gaps = a.slice(1).map((t, i) => t - a[i]!);
+    const mean = gaps.reduce((s, x) => s + x, 0) / gaps.length;
+    const sd = Math.sqrt(gaps.reduce((s, x) => s + (x - mean) ** 2, 0) / gaps.length);
+    expect(Math.abs(mean - 500)).toBeLessThan(30);
+    expect(Math.abs(sd / mean - 1)).toBeLessThan(0.06);
+    expect(() => poissonArrivals(3, 0, 1)).toThrow(RangeError);
+
+    const run = (round: number, chunk: number, ttft: number[], tokS: number): ArrivalsRun => ({
+      round, prefill_chunk: chunk, ttft_ms: ttft, e2e_ms: ttft.map((x) => x + 1000), gaps_ms: [10, 20, 30 * (round + 1)],
+      completion_tokens: ttft.map(() => 3), output_tok_s: tokS, mean_in_system: 1, max_submit_lag_ms: 0, errors: [],
+    });
+    const [whole, chunked] = summarizeArrivals([run(0, 0, [100, 300], 5), run(0, 64, [200, NaN], 4), run(1, 0, [200, 400], 7), run(1, 64, [50, 60], 6)], [0, 64]);
+    // Pooled over both rounds (nearest rank; a request with no token is left out of the percentiles).
+    expect(whole).toMatchObject({ prefill_chunk: 0, ttft_p50_ms: 200, ttft_max_ms: 400, e2e_p90_ms: 1400, gap_max_ms: 60, output_tok_s: 6 });
+    expect(chunked).toMatchObject({ prefill_chunk: 64, ttft_p50_ms: 60, ttft_max_ms: 200, gap_p50_ms: 20 });
+  });
+
+  it("arrivals: the same schedule for every prefill-chunk setting, every request answered in full", async () => {
+    const [file] = await runBench(["arrivals", ...common, "--tokens", "8"]);
+    const r = readResult(file!);
+    expectMachine(r);
+    expect(r.failures).toEqual({});
+    const res = r.results[0];
+    expect(positive(res.idle_e2e_ms) && res.idle_ttft_ms < res.idle_e2e_ms).toBe(true);
+    expect(res.rate_per_s).toBeCloseTo(1 / (res.idle_e2e_ms / 1000), 6); // load 1
+    expect(res.offsets_ms).toEqual(poissonArrivals(6, res.rate_per_s, 1));
+    expect(res.runs.map((x: ArrivalsRun) => x.prefill_chunk)).toEqual([0, 32]);
+    for (const x of res.runs as ArrivalsRun[]) {
+      expect(x.errors).toEqual([]);
+      expect(x.completion_tokens).toEqual(Array(6).fill(8));
+      expect(x.gaps_ms).toHaveLength(6 * 7);
+      x.ttft_ms.forEach((t, i) => expect(positive(t) && t < x.e2e_ms[i]!).toBe(true));
+      expect(positive(x.output_tok_s) && positive(x.mean_in_system)).toBe(true);
+      expect(x.max_submit_lag_ms).toBeGreaterThanOrEqual(0);
+    }
+    expect(r.summaries.int4.map((s: { prefill_chunk: number }) => s.prefill_chunk)).toEqual([0, 32]);
+    expect(r.summaries.int4[1].ttft_max_ms).toBe(Math.max(...res.runs[1].ttft_ms));
   }, 240_000);
 
   it("kv: both decoder graphs of one folder, step by step, per context and batch size", async () => {
