@@ -8,7 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { DEFAULT_PARAMS, type GenerationParams } from "../../shared/src/wire.ts";
-import { BatchingEngine } from "../../gpu-backend/src/engine/engine.ts";
+import { BatchingEngine, nextPrefillChunk } from "../../gpu-backend/src/engine/engine.ts";
 import type { EngineEvent, EngineRequest } from "../../gpu-backend/src/engine/engine-types.ts";
 import { loadModel, releaseModel, type LoadedModel } from "../../gpu-backend/src/engine/model.ts";
 import { GOLDEN_DIR, loadGoldenCases, type GoldenCase } from "../support/golden.ts";
@@ -169,12 +169,51 @@ describe("BatchingEngine", () => {
       return order.slice(start, firstB).filter(([who, e]) => who === "A" && e.type === "token").length;
     };
 
+    /** The sequence lengths of the decoder runs that feed prompt tokens (more than one per row), in order. */
+    async function promptRuns<T>(body: () => Promise<T>): Promise<{ result: T; lengths: number[] }> {
+      const session = model.sessions.decoder;
+      const run = session.run;
+      const lengths: number[] = [];
+      session.run = ((feeds: Record<string, { dims: readonly number[] }>, ...rest: unknown[]) => {
+        const s = feeds.inputs_embeds!.dims[1]!;
+        if (s > 1) lengths.push(s);
+        return (run as (...a: unknown[]) => unknown).call(session, feeds, ...rest);
+      }) as typeof run;
+      try {
+        return { result: await body(), lengths };
+      } finally {
+        session.run = run;
+      }
+    }
+
+    it("chunk sizes: the fewest chunks of at most the maximum, equal to within one token", () => {
+      expect([264, 176, 88].map((r) => nextPrefillChunk(r, 128))).toEqual([88, 88, 88]);
+      for (let n = 1; n <= 300; n++) {
+        for (let max = 1; max <= 40; max++) {
+          const sizes: number[] = [];
+          for (let left = n; left > 0; left -= sizes.at(-1)!) sizes.push(nextPrefillChunk(left, max));
+          expect(sizes.length).toBe(Math.ceil(n / max));
+          expect(Math.max(...sizes)).toBeLessThanOrEqual(max);
+          expect(Math.max(...sizes) - Math.min(...sizes)).toBeLessThanOrEqual(1);
+        }
+      }
+    });
+
     it.each([0, 16])("chunk %i: both reproduce the golden ids; A streams through B's admission only when chunked", async (chunk) => {
       const engine = new BatchingEngine(model, { maxBatch: 2, prefillChunk: chunk });
       let activeAtStart = -1;
-      const { a, b, order } = await arrive(engine, (ev) => {
-        if (ev.type === "start") activeAtStart = engine.stats().active;
-      });
+      const {
+        result: { a, b, order },
+        lengths,
+      } = await promptRuns(() =>
+        arrive(engine, (ev) => {
+          if (ev.type === "start") activeAtStart = engine.stats().active;
+        }),
+      );
+      // A's prompt in one run (nothing else decodes), then B's: whole, or in ⌈seq_len / 16⌉ chunks of equal size.
+      const n = Math.ceil(arrival.seq_len / 16);
+      const chunks = Array.from({ length: n }, (_, i) => Math.floor((arrival.seq_len + i) / n)).reverse();
+      expect(lengths).toEqual([decoding.seq_len, ...(chunk === 0 ? [arrival.seq_len] : chunks)]);
       expect(tokenIds(a).slice(0, decoding.generated_ids.length)).toEqual(decoding.generated_ids);
       expect(tokenIds(b)).toEqual(arrival.generated_ids);
       expect(activeAtStart).toBe(2); // the request being admitted counts as active

@@ -23,7 +23,7 @@ export interface BackendConfig {
   queueSize: number;
   /** Sequences generated at once by the engine. */
   maxBatch: number;
-  /** Prompt tokens per prefill run while other sequences decode (the engine's `prefillChunk`); 0 = whole prompt. */
+  /** Most prompt tokens per prefill run while other sequences decode (the engine's `prefillChunk`); 0 = whole prompt. */
   prefillChunk: number;
   maxNewTokensCap: number;
   /** Prompt + image + new tokens of one request (also bounded by the model's context). */
