@@ -10,9 +10,9 @@
  * when the pass ends — where a real request would have waited in the engine's queue all the same.
  */
 import { BatchingEngine } from "../../gpu-backend/src/engine/engine.ts";
-import { loadModel, releaseModel } from "../../gpu-backend/src/engine/model.ts";
+import { releaseModel } from "../../gpu-backend/src/engine/model.ts";
 import { childArgs, childDone, childMain } from "../lib/common.ts";
-import { type Trace, evalRequest, submitTraced, tokenGaps } from "../lib/traces.ts";
+import { type Trace, evalRequest, loadForEngineBench, submitTraced, tokenGaps } from "../lib/traces.ts";
 import { poissonArrivals } from "../lib/workload.ts";
 
 export interface ArrivalsArgs {
@@ -69,18 +69,13 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 childMain(async () => {
   const a = childArgs<ArrivalsArgs>();
-  const t0 = performance.now();
-  const loaded = await loadModel(a.modelDir, { intraOpThreads: a.threads });
-  const loadMs = performance.now() - t0;
-  // Random test weights would stop at EOS at random: ignore EOS so every request runs to max_new_tokens.
-  const model = { ...loaded, meta: { ...loaded.meta, eos_token_ids: [] } };
+  const { loaded, model, loadMs } = await loadForEngineBench(a.modelDir, a.threads, a.maxBatch);
   const label = a.label ?? model.dtype;
 
-  // Warm-up (a batch of two, so batched kernels are compiled too), then one request alone: the idle latency.
+  // One request alone on the warm model: the idle latency that sets the rate.
   let idle: Trace;
   {
     const engine = new BatchingEngine(model, { maxBatch: a.maxBatch });
-    await Promise.all([submitTraced(engine, evalRequest("warm-0", 3)).finished, submitTraced(engine, evalRequest("warm-1", 3)).finished]);
     const alone = submitTraced(engine, evalRequest("idle", a.tokens));
     await alone.finished;
     idle = alone.trace;

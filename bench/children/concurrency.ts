@@ -14,9 +14,9 @@
  * levels and settings is repeated `rounds` times.
  */
 import { BatchingEngine } from "../../gpu-backend/src/engine/engine.ts";
-import { loadModel, releaseModel } from "../../gpu-backend/src/engine/model.ts";
+import { releaseModel } from "../../gpu-backend/src/engine/model.ts";
 import { childArgs, childDone, childMain, spread } from "../lib/common.ts";
-import { type Trace, evalRequest, submitTraced, tokenGaps } from "../lib/traces.ts";
+import { type Trace, evalRequest, loadForEngineBench, submitTraced, tokenGaps } from "../lib/traces.ts";
 
 export interface ConcurrencyArgs {
   modelDir: string;
@@ -62,20 +62,9 @@ export interface ConcurrencyResult {
 
 childMain(async () => {
   const a = childArgs<ConcurrencyArgs>();
-  const t0 = performance.now();
-  const loaded = await loadModel(a.modelDir, { intraOpThreads: a.threads });
-  const loadMs = performance.now() - t0;
-  // Random test weights would stop at EOS at random: ignore EOS so every request runs to max_new_tokens.
-  const model = { ...loaded, meta: { ...loaded.meta, eos_token_ids: [] } };
+  const { loaded, model, loadMs } = await loadForEngineBench(a.modelDir, a.threads, a.maxBatch);
   const label = a.label ?? model.dtype;
   process.stderr.write(`  ${label}: loaded in ${(loadMs / 1000).toFixed(1)} s\n`);
-
-  {
-    // Warm-up: one batch of two, so that batched kernels are compiled too.
-    const engine = new BatchingEngine(model, { maxBatch: a.maxBatch });
-    await Promise.all([submitTraced(engine, evalRequest("warm-0", 3)).finished, submitTraced(engine, evalRequest("warm-1", 3)).finished]);
-    await engine.close();
-  }
 
   const levels: LevelResult[] = [];
   for (let round = 0; round < a.rounds; round++) for (const level of a.levels) for (const chunk of a.prefillChunks) {

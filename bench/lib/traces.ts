@@ -5,8 +5,9 @@
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { DEFAULT_PARAMS } from "../../shared/src/wire.ts";
-import type { BatchingEngine } from "../../gpu-backend/src/engine/engine.ts";
+import { BatchingEngine } from "../../gpu-backend/src/engine/engine.ts";
 import type { EngineEvent, EngineRequest } from "../../gpu-backend/src/engine/engine-types.ts";
+import { type LoadedModel, loadModel } from "../../gpu-backend/src/engine/model.ts";
 import { GOLDEN_DIR } from "./common.ts";
 
 const c01 = JSON.parse(readFileSync(join(GOLDEN_DIR, "cases-a", "case_01.json"), "utf8")) as {
@@ -62,4 +63,20 @@ export function submitTraced(engine: BatchingEngine, req: EngineRequest, onDone?
 /** Every gap between consecutive tokens of each trace. */
 export function tokenGaps(traces: Trace[]): number[] {
   return traces.flatMap((t) => t.tokens.slice(1).map((y, i) => y - t.tokens[i]!));
+}
+
+/**
+ * Loads a folder for the engine benchmarks and warms it up with one batch of two (so that batched kernels are
+ * compiled too). `model` ignores EOS: random test weights would stop at it at random, so every request runs to
+ * max_new_tokens. `loaded` is what to release; `loadMs` excludes the warm-up.
+ */
+export async function loadForEngineBench(dir: string, threads: number, maxBatch: number): Promise<{ loaded: LoadedModel; model: LoadedModel; loadMs: number }> {
+  const t0 = performance.now();
+  const loaded = await loadModel(dir, { intraOpThreads: threads });
+  const loadMs = performance.now() - t0;
+  const model = { ...loaded, meta: { ...loaded.meta, eos_token_ids: [] } };
+  const engine = new BatchingEngine(model, { maxBatch });
+  await Promise.all([submitTraced(engine, evalRequest("warm-0", 3)).finished, submitTraced(engine, evalRequest("warm-1", 3)).finished]);
+  await engine.close();
+  return { loaded, model, loadMs };
 }
