@@ -19,6 +19,7 @@
  * Options: --dtypes fp32,int8,int4,int8-w8a8 (also fp16)  --runs 3  --tokens 32  --threads 2  --quick  --cache /tmp/medvlm-bench-cache
  *          --results-dir bench/results  --levels 1,2,4,8  --max-batch 8  --rounds 1  --requests 300  --clients 8
  *          --bandwidth-mib 1024  --contexts 300,1024,2048  --kv-rows 1,8  --prefill-chunks 0,128  --arrivals 16  --load 1  --seed 1  --no-tjs  --child-timeout 900  --drop-checkpoint
+ *          --probe-image <file> --probe-max-pixels N (concurrency: the arriving probe asks about this image, e.g. a large one)
  * Each suite prints a table and writes bench/results/<suite>-<timestamp>.json (with machine info).
  */
 import { join } from "node:path";
@@ -32,7 +33,7 @@ export type Suite = (typeof SUITES)[number];
 const USAGE =
   "usage: npm run bench -- <models|single|bandwidth|concurrency|arrivals|kv|edge|all> [--dtypes fp32,int8,int4,int8-w8a8] [--runs N] [--tokens N] [--threads N]\n" +
   "       [--quick] [--cache DIR] [--results-dir DIR] [--levels 1,2,4,8] [--max-batch N] [--rounds N] [--requests N] [--clients N]\n" +
-  "       [--bandwidth-mib N] [--contexts 300,1024,2048] [--kv-rows 1,8] [--prefill-chunks 0,128]\n" +
+  "       [--bandwidth-mib N] [--contexts 300,1024,2048] [--kv-rows 1,8] [--prefill-chunks 0,128] [--probe-image FILE] [--probe-max-pixels N]\n" +
   "       [--arrivals N] [--load X] [--seed N] [--no-tjs] [--child-timeout S] [--drop-checkpoint]";
 
 export class UsageError extends Error {}
@@ -60,6 +61,8 @@ export function parseBenchArgs(argv: string[]): { suites: Suite[]; opts: BenchOp
         contexts: { type: "string" },
         "kv-rows": { type: "string" },
         "prefill-chunks": { type: "string" },
+        "probe-image": { type: "string" },
+        "probe-max-pixels": { type: "string" },
         arrivals: { type: "string" },
         load: { type: "string" },
         seed: { type: "string" },
@@ -116,6 +119,8 @@ export function parseBenchArgs(argv: string[]): { suites: Suite[]; opts: BenchOp
     kvRows: (v["kv-rows"] ?? (quick ? "1,2" : "1,8")).split(",").map((s) => int("kv-rows", s, 1)),
     // The serving default against whole-prompt admission (0) as its peer; the tiny model's prompts are short.
     prefillChunks: (v["prefill-chunks"] ?? (quick ? "0,32" : `0,${CONFIG_DEFAULTS.prefillChunk}`)).split(",").map((s) => int("prefill-chunks", s, 0, 0)),
+    probeImage: v["probe-image"] ?? null,
+    probeMaxPixels: int("probe-max-pixels", v["probe-max-pixels"], 12845056, 3136),
     // The two serving configurations: int4 (least memory) and int8-w8a8 (fastest first token).
     arrivalsDtypes: v.dtypes === undefined ? (quick ? ["int4"] : ["int4", "int8-w8a8"]) : dtypes,
     arrivals: int("arrivals", v.arrivals, quick ? 6 : 16),

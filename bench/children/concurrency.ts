@@ -8,7 +8,8 @@
  *     new arrival sees under load
  *   - probe stall: the longest gap between two tokens of a stream still decoding while the probe is admitted
  *     (from its submit to its first token) — what an arrival costs the streams already running — next to the
- *     median gap between tokens of all streams
+ *     median gap between tokens of all streams. `probeImage`: the probe asks the eval question about another
+ *     image (e.g. a large one, whose vision encoder is the longest part of its admission)
  *   - end-to-end tok/s: all generated tokens / (first submit → last done)
  * Each level runs once per engine `prefillChunk` setting (whole-prompt admission vs chunked); the sweep over
  * levels and settings is repeated `rounds` times.
@@ -16,7 +17,7 @@
 import { BatchingEngine } from "../../gpu-backend/src/engine/engine.ts";
 import { releaseModel } from "../../gpu-backend/src/engine/model.ts";
 import { childArgs, childDone, childMain, spread } from "../lib/common.ts";
-import { type Trace, evalRequest, loadForEngineBench, submitTraced, tokenGaps } from "../lib/traces.ts";
+import { type Trace, evalRequest, imageGrid, loadForEngineBench, submitTraced, tokenGaps } from "../lib/traces.ts";
 
 export interface ConcurrencyArgs {
   modelDir: string;
@@ -30,6 +31,8 @@ export interface ConcurrencyArgs {
   prefillChunks: number[];
   /** The benchmark variant (e.g. int8-w8a8) for progress lines and the result; default the manifest dtype. */
   label?: string;
+  /** The probe's image file and max_pixels, instead of the eval image. */
+  probeImage?: { path: string; maxPixels: number };
 }
 
 export interface LevelResult {
@@ -56,6 +59,8 @@ export interface ConcurrencyResult {
   /** The benchmark variant measured (`label`, else the dtype). */
   variant: string;
   load_ms: number;
+  /** The probe's image grid [t, h, w] when `probeImage` was given. */
+  probe_grid?: [number, number, number];
   levels: LevelResult[];
   peak_rss_bytes: number;
 }
@@ -65,6 +70,8 @@ childMain(async () => {
   const { loaded, model, loadMs } = await loadForEngineBench(a.modelDir, a.threads, a.maxBatch);
   const label = a.label ?? model.dtype;
   process.stderr.write(`  ${label}: loaded in ${(loadMs / 1000).toFixed(1)} s\n`);
+  const probeImage = a.probeImage ? await imageGrid(model, a.probeImage.path, a.probeImage.maxPixels) : undefined;
+  if (probeImage) process.stderr.write(`  ${label}: probe image grid ${probeImage.grid.join("x")} (${(probeImage.grid[0] * probeImage.grid[1] * probeImage.grid[2]) / 4} image tokens)\n`);
 
   const levels: LevelResult[] = [];
   for (let round = 0; round < a.rounds; round++) for (const level of a.levels) for (const chunk of a.prefillChunks) {
@@ -75,7 +82,7 @@ childMain(async () => {
     for (let i = 0; i < level; i++) {
       runs.push(
         submitTraced(engine, evalRequest(`L${level}-${i}`, a.tokens + level), () => {
-          probe ??= submitTraced(engine, evalRequest(`L${level}-probe`, 1));
+          probe ??= submitTraced(engine, evalRequest(`L${level}-probe`, 1, probeImage));
         }),
       );
     }
@@ -122,5 +129,5 @@ childMain(async () => {
     );
   }
   await releaseModel(loaded);
-  childDone({ dtype: model.dtype, variant: label, load_ms: loadMs, levels });
+  childDone({ dtype: model.dtype, variant: label, load_ms: loadMs, ...(probeImage ? { probe_grid: probeImage.grid } : {}), levels });
 });

@@ -53,6 +53,9 @@ export interface BenchOptions {
   rounds: number;
   /** concurrency suite: the engine's `prefillChunk` settings, each level run once per setting (0 = whole prompt) */
   prefillChunks: number[];
+  /** concurrency suite: the probe's image instead of the eval image (null: the eval image), and its max_pixels */
+  probeImage: string | null;
+  probeMaxPixels: number;
   /** arrivals suite: variants (int4 and int8-w8a8 unless --dtypes is given), requests per run, offered load, schedule seed */
   arrivalsDtypes: Dtype[];
   arrivals: number;

@@ -8,7 +8,12 @@ import { DEFAULT_PARAMS } from "../../shared/src/wire.ts";
 import { BatchingEngine } from "../../gpu-backend/src/engine/engine.ts";
 import type { EngineEvent, EngineRequest } from "../../gpu-backend/src/engine/engine-types.ts";
 import { type LoadedModel, loadModel } from "../../gpu-backend/src/engine/model.ts";
+import { preprocessImages } from "../../gpu-backend/src/preprocess/index.ts";
+import { preprocessOptionsOf } from "../../gpu-backend/src/engine/prompt.ts";
 import { GOLDEN_DIR } from "./common.ts";
+
+/** `<|image_pad|>` in the Qwen2-VL vocabulary. */
+const IMAGE_PAD_ID = 151655;
 
 const c01 = JSON.parse(readFileSync(join(GOLDEN_DIR, "cases-a", "case_01.json"), "utf8")) as {
   input_ids: number[];
@@ -16,8 +21,33 @@ const c01 = JSON.parse(readFileSync(join(GOLDEN_DIR, "cases-a", "case_01.json"),
 };
 const imageBytes = c01.images.map((im) => new Uint8Array(readFileSync(join(GOLDEN_DIR, im.image))));
 
-/** The eval request (greedy, the wire defaults) with `maxNew` new tokens at most. */
-export function evalRequest(id: string, maxNew: number): EngineRequest {
+/** Another image for the eval question, with its `max_pixels` and the grid that gives (see {@link imageGrid}). */
+export interface OtherImage {
+  bytes: Uint8Array;
+  mime: string;
+  maxPixels: number;
+  grid: [number, number, number];
+}
+
+/**
+ * The eval request (greedy, the wire defaults) with `maxNew` new tokens at most; with `image`, the same question
+ * about that image (its `<|image_pad|>` run resized to the image's tokens).
+ */
+export function evalRequest(id: string, maxNew: number, image?: OtherImage): EngineRequest {
+  const params = { ...DEFAULT_PARAMS, max_new_tokens: maxNew };
+  if (image) {
+    const first = c01.input_ids.indexOf(IMAGE_PAD_ID);
+    const last = c01.input_ids.lastIndexOf(IMAGE_PAD_ID);
+    const [t, h, w] = image.grid;
+    const pads = new Array<number>((t * h * w) / 4).fill(IMAGE_PAD_ID);
+    return {
+      id,
+      inputIds: Int32Array.from([...c01.input_ids.slice(0, first), ...pads, ...c01.input_ids.slice(last + 1)]),
+      images: [{ bytes: image.bytes, mime: image.mime, minPixels: 3136, maxPixels: image.maxPixels, expectedGrid: image.grid }],
+      params,
+      deadlineMs: null,
+    };
+  }
   return {
     id,
     inputIds: Int32Array.from(c01.input_ids),
@@ -28,9 +58,16 @@ export function evalRequest(id: string, maxNew: number): EngineRequest {
       maxPixels: im.qwen_vl_utils_kwargs.max_pixels ?? 12845056,
       expectedGrid: im.grid_thw,
     })),
-    params: { ...DEFAULT_PARAMS, max_new_tokens: maxNew },
+    params,
     deadlineMs: null,
   };
+}
+
+/** Reads an image file and computes its grid at `maxPixels` (the model's preprocessing defaults otherwise). */
+export async function imageGrid(model: LoadedModel, path: string, maxPixels: number): Promise<OtherImage> {
+  const bytes = new Uint8Array(readFileSync(path));
+  const pre = await preprocessImages([{ bytes, maxPixels }], preprocessOptionsOf(model));
+  return { bytes, mime: /\.jpe?g$/i.test(path) ? "image/jpeg" : "image/png", maxPixels, grid: pre.gridThw[0]! };
 }
 
 /** `performance.now()` times of one request's life. */

@@ -27,6 +27,7 @@ export async function concurrencySuite(opts: BenchOptions): Promise<{ file: stri
       rounds: opts.rounds,
       prefillChunks: opts.prefillChunks,
       label: dtype,
+      ...(opts.probeImage ? { probeImage: { path: opts.probeImage, maxPixels: opts.probeMaxPixels } } : {}),
     };
     try {
       const { result } = await runChild<ConcurrencyResult>("concurrency.ts", args, { timeoutS: opts.childTimeoutS });

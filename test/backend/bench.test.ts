@@ -12,6 +12,7 @@ import { poissonArrivals } from "../../bench/lib/workload.ts";
 import { parseBenchArgs, runBench, UsageError } from "../../bench/run.ts";
 import { summarizeArrivals } from "../../bench/suites/arrivals.ts";
 import { CONVERTER_REVISION } from "../../gpu-backend/src/convert/index.ts";
+import { PROJECT_ROOT } from "../support/golden.ts";
 
 const work = mkdtempSync(join(tmpdir(), "bench-smoke-"));
 const common = ["--quick", "--cache", join(work, "cache"), "--results-dir", join(work, "results")];
@@ -35,6 +36,8 @@ describe("bench (quick, tiny model)", () => {
     expect(suites).toEqual(["single"]);
     expect(opts).toMatchObject({ dtypes: ["fp32", "int4"], runs: 3, tokens: 32, threads: 2, quick: false });
     expect(parseBenchArgs(["all", "--quick"]).suites).toEqual(["models", "single", "bandwidth", "concurrency", "arrivals", "kv", "edge"]);
+    expect(parseBenchArgs(["concurrency", "--probe-image", "x.png", "--probe-max-pixels", "50176"]).opts).toMatchObject({ probeImage: "x.png", probeMaxPixels: 50176 });
+    expect(() => parseBenchArgs(["concurrency", "--probe-max-pixels", "100"])).toThrow(UsageError);
     expect(parseBenchArgs(["arrivals"]).opts).toMatchObject({ arrivalsDtypes: ["int4", "int8-w8a8"], arrivals: 16, load: 1, seed: 1, prefillChunks: [0, 128] });
     expect(parseBenchArgs(["arrivals", "--dtypes", "fp32", "--load", "0.5", "--arrivals", "4", "--seed", "0"]).opts).toMatchObject({ arrivalsDtypes: ["fp32"], load: 0.5, arrivals: 4, seed: 0 });
     expect(() => parseBenchArgs(["arrivals", "--load", "0"])).toThrow(UsageError);
@@ -203,6 +206,15 @@ describe("bench (quick, tiny model)", () => {
     }
     // tiny-a: 2 layers × K/V × 2 KV heads × 16 dims × 4 bytes per position and row.
     expect(points[3].cache_bytes).toBe(2 * 2 * 2 * 100 * 2 * 16 * 4);
+  }, 240_000);
+
+  it("concurrency --probe-image: the probe asks about another image at its own grid", async () => {
+    const [file] = await runBench(["concurrency", ...common, "--dtypes", "int4", "--tokens", "12", "--levels", "2", "--prefill-chunks", "32", "--probe-image", join(PROJECT_ROOT, "samples", "mdb146.png"), "--probe-max-pixels", "100352"]);
+    const r = readResult(file!);
+    expect(r.results[0].probe_grid).toEqual([1, 22, 22]); // the model card demo's size: 121 image tokens
+    const [l] = r.results[0].levels;
+    expect(l.errors).toEqual([]);
+    expect(positive(l.probe_ttft_ms) && positive(l.probe_stall_ms)).toBe(true);
   }, 240_000);
 
   it("edge: wrangler dev against the backend double", async () => {
