@@ -162,6 +162,62 @@ describe("ModuleEmitter.linears: projections of one input as one MatMul", () => 
   });
 });
 
+describe("ModuleEmitter.linear with int8Dynamic (W8A8): the exact arithmetic", () => {
+  // x rows quantized per row: s = fround(max|x| / 127), q = roundHalfEven(fround(x / s)) (stored +128 as uint8);
+  // W per output feature: w = round(W · (1 / t)), t = fround(max|W[n]| / 127); y = fround(fround(Σ q·w · s) · t) + b.
+  const K = 48;
+  const N = 5;
+  const shapes: Record<string, number[]> = { "l.weight": [N, K], "l.bias": [N] };
+  const data: Record<string, Float32Array> = { "l.weight": values(N * K, 11), "l.bias": values(N, 12) };
+  const source: TensorSource = { info: (name) => ({ shape: shapes[name]!, dtype: "F32" }), readF32: async (name) => data[name]! };
+  const roundHalfEven = (v: number) => {
+    const f = Math.floor(v);
+    const d = v - f;
+    return d > 0.5 || (d === 0.5 && f % 2 !== 0) ? f + 1 : f;
+  };
+
+  function reference(x: Float32Array, rows: number): Float32Array {
+    const w = data["l.weight"]!;
+    const y = new Float32Array(rows * N);
+    for (let r = 0; r < rows; r++) {
+      let amax = 0;
+      for (let k = 0; k < K; k++) amax = Math.max(amax, Math.abs(x[r * K + k]!));
+      const s = Math.fround(Math.max(amax, 1e-30) / 127);
+      const q = Array.from({ length: K }, (_, k) => roundHalfEven(Math.fround(x[r * K + k]! / s)));
+      for (let n = 0; n < N; n++) {
+        let wmax = 0;
+        for (let k = 0; k < K; k++) wmax = Math.max(wmax, Math.abs(w[n * K + k]!));
+        const t = Math.fround(wmax / 127);
+        let acc = 0;
+        for (let k = 0; k < K; k++) acc += q[k]! * Math.max(-127, Math.min(127, Math.round(w[n * K + k]! * (1 / t))));
+        y[r * N + n] = Math.fround(Math.fround(Math.fround(acc) * s) * t) + data["l.bias"]![n]!;
+      }
+    }
+    return y.map((v) => Math.fround(v));
+  }
+
+  it.each([
+    ["2-D input [rows, K]", [4, K]],
+    ["3-D input [batch, seq, K]", [2, 3, K]],
+  ] as const)("%s: the same float32 bits as the reference", async (name, dims) => {
+    const rows = dims.slice(0, -1).reduce((a, b) => a * b, 1);
+    const x = values(rows * K, 5).map((v) => v * 3);
+    // Row 0 holds exact half-way quotients: max 127 → scale 1, values k − 63.5 round half to even.
+    x[0] = 127;
+    for (let k = 1; k < K; k++) x[k] = k - 63.5;
+    const g = new GraphBuilder("w8a8");
+    const input = g.input("x", "float32", [...dims]);
+    g.output(new ModuleEmitter(g, source, { dtype: "fp32" }).linear(input, "l", { bias: true, int8Dynamic: true }), "y", "float32", [...dims.slice(0, -1), N]);
+    const path = join(tmp, `w8a8-${dims.length}.onnx`);
+    await writeModel(path, g.model({ opset: 17 }));
+    const sess = await ort.InferenceSession.create(path);
+    const out = (await sess.run({ x: new ort.Tensor("float32", x, [...dims]) })).y!;
+    await sess.release();
+    expect(out.dims).toEqual([...dims.slice(0, -1), N]);
+    expect(Array.from(out.data as Float32Array)).toEqual(Array.from(reference(x, rows)));
+  });
+});
+
 describe("float16 and transpose helpers", () => {
   it("rounds to nearest even, handles subnormals, overflow and NaN", () => {
     expect(float32ToFloat16Bits(1)).toBe(0x3c00);

@@ -379,11 +379,17 @@ export class ModuleEmitter {
       }));
       const S = g.initializer(`${base}_scales`, "float32", [N], this.deferred(N * 4, async () => (await get()).scales));
       y = g.within(module, () => {
-        // Per-row symmetric int8 input, carried as uint8 with zero point 128 (what MatMulInteger's u8×s8 GEMM takes).
+        // Per-row (token) symmetric int8 input, carried as uint8 with zero point 128 (what MatMulInteger's u8×s8
+        // GEMM takes): scale sx = max|x| / 127 over the last axis.
         const amax = g.op("ReduceMax", [g.op("Abs", [x])], { axes: [-1], keepdims: 1 });
-        const sx = g.op("Div", [g.op("Max", [amax, g.f32Scalar(1e-30)]), g.f32Scalar(127)]);
-        // |x / sx| ≤ 127 by construction (sx = max|x| / 127), so no Clip is needed before the cast.
-        const xq = g.op("Cast", [g.op("Add", [g.op("Round", [g.op("Div", [x, sx])]), g.f32Scalar(128)])], { to: 2 });
+        const sx = g.op("Div", [g.op("Max", [amax, g.f32Scalar(1e-30)]), g.f32Scalar(127)]); // [..., 1]
+        // One QuantizeLinear over the rows (axis 0 of [rows, K], a scale and zero point per row): round-half-even
+        // (x / sx) + 128 in one pass, the same bytes as Div → Round → Add → Cast (|x / sx| ≤ 127, nothing
+        // saturates). The reshapes are views; the op count matters at decode (one row per sequence).
+        const perRow = g.op("Reshape", [sx, g.i64([-1])]);
+        const zp = g.op("Expand", [g.constant("uint8", [128], []), g.op("Shape", [perRow])]);
+        const rows = g.op("QuantizeLinear", [g.op("Reshape", [x, g.i64([-1, K])]), perRow, zp], { axis: 0 });
+        const xq = g.op("Reshape", [rows, g.op("Shape", [x])]);
         const acc = g.op("MatMulInteger", [xq, B, g.constant("uint8", [128], [])]);
         return g.op("Mul", [g.op("Mul", [g.op("Cast", [acc], { to: 1 }), sx]), S]);
       });

@@ -75,8 +75,10 @@ export const MANIFEST_FORMAT_VERSION = 1;
  * 2: weight-only int8/int4 decoders compute q/k/v and gate/up as one MatMulNBits each
  *    (`…self_attn.q_proj+k_proj+v_proj.weight_Q4`, `…mlp.gate_proj+up_proj.weight_Q4`).
  * 3: `decoder_model_append.onnx` (the decoder with the append KV contract) beside the onnx-community graphs.
+ * 4: W8A8 linears quantize their input rows with one `QuantizeLinear` (per row, axis 0) instead of
+ *    Div → Round → Add → Cast: the same bytes.
  */
-export const CONVERTER_REVISION = 3;
+export const CONVERTER_REVISION = 4;
 
 /** Conversion progress, reported after every tensor. */
 export interface ConvertProgress {
