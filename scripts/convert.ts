@@ -2,13 +2,16 @@
  * Converts a Qwen2-VL checkpoint (local folder or Hugging Face Hub id) into ONNX graphs (onnx-community layout).
  *
  *   npx tsx scripts/convert.ts --model <folder|hub id> --out <folder> [--dtype fp32|fp16|int8|int4]
- *       [--block-size 32|128] [--symmetric] [--accuracy-level 0..4] [--no-quantize-lm-head] [--w8a8]
+ *       [--block-size 32|128] [--symmetric] [--accuracy-level 0..4] [--lm-head nbits|w8a8|float] [--w8a8]
  *       [--vision-int8 | --no-vision-int8] [--full-logits] [--no-append-decoder]
  *       [--external-data auto|always|never] [--hash-files] [--overwrite]
  *
  * --w8a8 (with --dtype int8 only): the decoder layers as W8A8 integer GEMMs (MatMulInteger: int8 weights per
  * output feature, int8 activations per token) instead of weight-only MatMulNBits: faster prefill (time to first
- * token) on CPUs with VNNI/AMX; the LM head stays MatMulNBits int8, and the vision encoder defaults to W8A8.
+ * token) on CPUs with VNNI/AMX; the vision encoder defaults to W8A8.
+ * --lm-head: the LM head as MatMulNBits with the dtype's bits (nbits), as W8A8 MatMulInteger (int8 weights per
+ * vocabulary row, int8 activations per token) or float32. Default: w8a8 for int4 and int8 --w8a8, nbits for
+ * weight-only int8; fp32/fp16: float.
  * --vision-int8 / --no-vision-int8: the vision encoder's blocks as W8A8 integer GEMMs (int8 weights per output
  * feature, int8 activations per token) or float32. Default: W8A8 for int4 and for int8 --w8a8. fp16 has no
  * W8A8 vision.
@@ -21,14 +24,33 @@
 import { pathToFileURL } from "node:url";
 import { CheckpointError, formatBytes } from "../gpu-backend/src/checkpoint/index.ts";
 import { type CliIO, parseCli, processIO, progressBar, type Usage, usageError } from "./lib/cli.ts";
-import { CONVERT_DTYPES, type ConvertDtype, ConvertError, type ConvertOptions, convertModel } from "../gpu-backend/src/convert/index.ts";
+import {
+  CONVERT_DTYPES,
+  type ConvertDtype,
+  ConvertError,
+  type ConvertManifest,
+  type ConvertOptions,
+  LM_HEAD_METHODS,
+  type LmHeadMethod,
+  convertModel,
+} from "../gpu-backend/src/convert/index.ts";
+
+/** The decoder's quantization in the summary line; the LM head is named when it differs from the layers. */
+function quantSummary(head: LmHeadMethod, q: NonNullable<ConvertManifest["quantization"]>): string {
+  const nbits = `${q.bits}-bit block ${q.blockSize}`;
+  const headText = head === "nbits" ? nbits : head === "w8a8" ? "W8A8" : "float32";
+  if (q.w8a8) return `W8A8 decoder layers, LM head ${headText}`;
+  return head === "nbits" ? nbits : `${nbits}, LM head ${headText}`;
+}
 
 const USAGE =
   "usage: npx tsx scripts/convert.ts --model <folder|hub id> --out <folder> [--dtype fp32|fp16|int8|int4] " +
-  "[--block-size N] [--symmetric] [--accuracy-level 0..4] [--no-quantize-lm-head] [--w8a8] " +
+  "[--block-size N] [--symmetric] [--accuracy-level 0..4] [--lm-head nbits|w8a8|float] [--w8a8] " +
   "[--vision-int8 | --no-vision-int8] [--full-logits] [--no-append-decoder] [--external-data auto|always|never] [--hash-files] [--overwrite]\n" +
   "  --w8a8                           --dtype int8 only: decoder layers as W8A8 int8 GEMMs (MatMulInteger, int8 activations " +
-  "per token) instead of MatMulNBits: faster prefill/time to first token; LM head stays MatMulNBits int8; vision W8A8 by default\n" +
+  "per token) instead of MatMulNBits: faster prefill/time to first token; vision W8A8 by default\n" +
+  "  --lm-head nbits|w8a8|float       the LM head as MatMulNBits (the dtype's bits), W8A8 int8 GEMM (int8 weights per vocabulary row, " +
+  "int8 activations per token) or float32 (default: w8a8 for int4 and int8 --w8a8, nbits for int8; fp32/fp16: float only)\n" +
   "  --vision-int8, --no-vision-int8  vision encoder blocks as W8A8 int8 GEMMs, or float32 " +
   "(default: int8 vision for --dtype int4 and for --dtype int8 --w8a8; not available for fp16)\n" +
   "  --no-append-decoder              write only the onnx-community graphs, not decoder_model_append.onnx (the engine's " +
@@ -47,7 +69,7 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
       "block-size": { type: "string" },
       symmetric: { type: "boolean", default: false },
       "accuracy-level": { type: "string" },
-      "no-quantize-lm-head": { type: "boolean", default: false },
+      "lm-head": { type: "string" },
       w8a8: { type: "boolean", default: false },
       "vision-int8": { type: "boolean", default: false },
       "no-vision-int8": { type: "boolean", default: false },
@@ -77,6 +99,9 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
     quant.accuracyLevel = n;
   }
   if (values.symmetric) quant.symmetric = true;
+  const lmHead = values["lm-head"] as LmHeadMethod | undefined;
+  if (lmHead !== undefined && !LM_HEAD_METHODS.includes(lmHead)) return usage(`--lm-head must be one of ${LM_HEAD_METHODS.join(", ")}, got ${lmHead}`);
+  if (lmHead !== undefined && lmHead !== "float" && (dtype === "fp32" || dtype === "fp16")) return usage(`--lm-head ${lmHead} needs --dtype int8 or int4, got ${dtype}`);
   if (values.w8a8 && dtype !== "int8") return usage(`--w8a8 (W8A8 decoder layers) needs --dtype int8, got ${dtype}`);
   if (values["vision-int8"] && values["no-vision-int8"]) return usage("--vision-int8 and --no-vision-int8 exclude each other");
   if (values["vision-int8"] && dtype === "fp16") return usage("--vision-int8 needs a float32 vision encoder (--dtype fp32, int8 or int4), not fp16");
@@ -93,7 +118,7 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
       quant,
       lastLogitsOnly: !values["full-logits"],
       appendDecoder: !values["no-append-decoder"],
-      quantizeLmHead: !values["no-quantize-lm-head"],
+      ...(lmHead !== undefined ? { lmHead } : {}),
       ...(values.w8a8 ? { w8a8: true } : {}),
       ...(visionInt8 !== undefined ? { visionInt8 } : {}),
       externalData: ext === "auto" ? "auto" : ext === "always",
@@ -117,7 +142,7 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
     const rss = process.resourceUsage().maxRSS / 1024;
     io.stdout(
       `converted ${values.model} → ${res.outDir} (${m.dtype}` +
-        `${m.quantization?.w8a8 ? `, W8A8 decoder layers, LM head ${m.quantization.parts.lm_head === "float32" ? "float32" : `${m.quantization.bits}-bit block ${m.quantization.blockSize}`}` : m.quantization ? `, ${m.quantization.bits}-bit block ${m.quantization.blockSize}` : ""}` +
+        `${m.quantization ? `, ${quantSummary(m.converter.options.lm_head, m.quantization)}` : ""}` +
         `${m.vision_quantization ? ", vision W8A8" : ""}) ` +
         `in ${((performance.now() - started) / 1000).toFixed(1)} s: ${files}; peak RSS ${rss.toFixed(0)} MB\n`,
     );

@@ -90,10 +90,10 @@ describe("bench (quick, tiny model)", () => {
     // int8 weight-only vs int8-w8a8: same manifest dtype, told apart by the options.
     const int8 = edited("int8", (m) => {
       m.dtype = "int8";
-      Object.assign(m.converter.options, { dtype: "int8", vision_int8: false, quant: { ...m.converter.options.quant, bits: 8 } });
+      Object.assign(m.converter.options, { dtype: "int8", vision_int8: false, lm_head: "nbits", quant: { ...m.converter.options.quant, bits: 8 } });
     });
     expect(conversionMismatch(int8, "int8", "tiny", null)).toBeNull();
-    expect(conversionMismatch(int8, "int8-w8a8", "tiny", null)).toBe("converter options differ (w8a8: false → true, vision_int8: false → true)");
+    expect(conversionMismatch(int8, "int8-w8a8", "tiny", null)).toBe('converter options differ (w8a8: false → true, lm_head: "nbits" → "w8a8", vision_int8: false → true)');
     expect(conversionMismatch(dir, "int8-w8a8", "tiny", null)).toBe("manifest dtype int4");
   });
 

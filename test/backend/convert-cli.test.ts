@@ -63,11 +63,12 @@ describe("convert CLI", () => {
 
   it("draws a progress bar on a TTY", async () => {
     const o = io(true);
-    expect(await runConvertCli(["--model", TINY, "--out", join(tmp, "tty"), "--dtype", "int4", "--no-quantize-lm-head"], o)).toBe(0);
+    expect(await runConvertCli(["--model", TINY, "--out", join(tmp, "tty"), "--dtype", "int4", "--lm-head", "float"], o)).toBe(0);
     expect(o.err).toContain("\r[");
     expect(o.err).toContain("100.0%");
     const m = JSON.parse(readFileSync(join(tmp, "tty", "manifest.json"), "utf8"));
     expect(m.quantization.applies_to).toMatch(/lm_head float32/);
+    expect(m.converter.options.lm_head).toBe("float");
   });
 
   it("--vision-int8 / --no-vision-int8 override the dtype's default (W8A8 vision for int4, and int8 with --w8a8)", async () => {
@@ -81,7 +82,7 @@ describe("convert CLI", () => {
     o = io(false);
     const int4 = join(tmp, "int4-vf");
     expect(await runConvertCli(["--model", TINY, "--out", int4, "--dtype", "int4", "--no-vision-int8"], o)).toBe(0);
-    expect(o.out).toMatch(/\(int4, 4-bit block 32\) in/);
+    expect(o.out).toMatch(/\(int4, 4-bit block 32, LM head W8A8\) in/);
     expect(JSON.parse(readFileSync(join(int4, "manifest.json"), "utf8")).vision_quantization).toBeUndefined();
     expect(visionOps(int4)).toBe(false);
     o = io(false);
@@ -101,14 +102,19 @@ describe("convert CLI", () => {
     let o = io(false);
     expect(await runConvertCli(["--model", TINY, "--out", w8, "--dtype", "int8", "--w8a8"], o)).toBe(0);
     expect(o.err).toBe("");
-    expect(o.out).toMatch(/\(int8, W8A8 decoder layers, LM head 8-bit block 32, vision W8A8\) in/);
+    expect(o.out).toMatch(/\(int8, W8A8 decoder layers, LM head W8A8, vision W8A8\) in/);
     const m = JSON.parse(readFileSync(join(w8, "manifest.json"), "utf8"));
-    expect(m.quantization).toMatchObject({ method: "MatMulInteger", w8a8: true, parts: { decoder_layers: expect.stringMatching(/^MatMulInteger W8A8/), lm_head: expect.stringMatching(/^MatMulNBits int8/) } });
+    expect(m.quantization).toMatchObject({ method: "MatMulInteger", w8a8: true, parts: { decoder_layers: expect.stringMatching(/^MatMulInteger W8A8/), lm_head: expect.stringMatching(/^MatMulInteger W8A8/) } });
+    o = io(false);
+    const nb = join(tmp, "int8-w8a8-nbits");
+    expect(await runConvertCli(["--model", TINY, "--out", nb, "--dtype", "int8", "--w8a8", "--lm-head", "nbits"], o)).toBe(0);
+    expect(o.out).toMatch(/\(int8, W8A8 decoder layers, LM head 8-bit block 32, vision W8A8\) in/);
+    expect(JSON.parse(readFileSync(join(nb, "manifest.json"), "utf8")).quantization.parts.lm_head).toMatch(/^MatMulNBits int8/);
     expect(m.vision_quantization).toMatchObject({ method: "MatMulInteger" });
     expect(m.converter.options).toMatchObject({ dtype: "int8", w8a8: true, vision_int8: true });
     o = io(false);
     const fv = join(tmp, "int8-w8a8-fv");
-    expect(await runConvertCli(["--model", TINY, "--out", fv, "--dtype", "int8", "--w8a8", "--no-vision-int8", "--no-quantize-lm-head"], o)).toBe(0);
+    expect(await runConvertCli(["--model", TINY, "--out", fv, "--dtype", "int8", "--w8a8", "--no-vision-int8", "--lm-head", "float"], o)).toBe(0);
     expect(o.out).toMatch(/\(int8, W8A8 decoder layers, LM head float32\) in/);
     const mf = JSON.parse(readFileSync(join(fv, "manifest.json"), "utf8"));
     expect(mf.vision_quantization).toBeUndefined();
@@ -134,6 +140,12 @@ describe("convert CLI", () => {
     expect(o.err).toMatch(/--dtype must be one of fp32, fp16, int8, int4, got bf16/);
     o = io(false);
     expect(await runConvertCli(["--model", TINY, "--out", join(tmp, "x"), "--external-data", "sometimes"], o)).toBe(2);
+    o = io(false);
+    expect(await runConvertCli(["--model", TINY, "--out", join(tmp, "x"), "--dtype", "int4", "--lm-head", "int2"], o)).toBe(2);
+    expect(o.err).toMatch(/--lm-head must be one of nbits, w8a8, float, got int2/);
+    o = io(false);
+    expect(await runConvertCli(["--model", TINY, "--out", join(tmp, "x"), "--lm-head", "w8a8"], o)).toBe(2);
+    expect(o.err).toMatch(/--lm-head w8a8 needs --dtype int8 or int4, got fp32/);
     o = io(false);
     expect(await runConvertCli(["--bogus"], o)).toBe(2);
     nothingWritten(join(tmp, "x"));

@@ -279,12 +279,14 @@ describe("variants", () => {
     } finally {
       await sliced.release();
     }
-    // A quantized head stays one MatMulNBits node whatever the limit; a bad limit is refused.
-    const q = join(tmp, "sliced-int4");
-    await convertModel({ model: TINY, outDir: q, dtype: "int4", lmHeadSliceBytes: 10e6 });
-    const qGraph = readFileSync(join(q, "decoder_model_merged.onnx"));
-    expect(qGraph.includes("lm_head.weight_Q4")).toBe(true);
-    expect(qGraph.includes("lm_head.weight_T")).toBe(false);
+    // A quantized head (W8A8, int4's default, or MatMulNBits) stays one node whatever the limit; a bad limit is refused.
+    for (const [lmHead, weight] of [["w8a8", "lm_head.weight_I8"], ["nbits", "lm_head.weight_Q4"]] as const) {
+      const q = join(tmp, `sliced-int4-${lmHead}`);
+      await convertModel({ model: TINY, outDir: q, dtype: "int4", lmHead, lmHeadSliceBytes: 10e6 });
+      const qGraph = readFileSync(join(q, "decoder_model_merged.onnx"));
+      expect(qGraph.includes(weight)).toBe(true);
+      expect(qGraph.includes("lm_head.weight_T")).toBe(false);
+    }
     await expect(convertModel({ model: TINY, outDir: join(tmp, "bad"), lmHeadSliceBytes: -1 })).rejects.toMatchObject({ code: "bad_options" });
   });
 

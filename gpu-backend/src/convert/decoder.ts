@@ -49,12 +49,12 @@ export type DecoderConfig = Pick<
 export interface DecoderOptions {
   /** Logits of the last position only ([B, 1, V], default) or of every position ([B, S, V]). */
   lastLogitsOnly?: boolean;
-  /** Quantize the LM head too when the dtype is int8/int4 (default true). */
-  quantizeLmHead?: boolean;
+  /** How the LM head is computed (default `"nbits"`: the dtype's MatMulNBits, float for fp32/fp16). */
+  lmHead?: LmHeadMethod;
   /**
    * The layers' Linear weights as W8A8 (`LinearOptions.int8Dynamic`: MatMulInteger, int8 weights per output
    * feature, int8 activations per token) instead of MatMulNBits (float32 graphs; `ConvertOptions.w8a8`, int8
-   * only). The LM head follows the dtype (MatMulNBits int8, or float with `quantizeLmHead: false`).
+   * only). The LM head follows `lmHead`.
    */
   w8a8?: boolean;
   /**
@@ -70,6 +70,13 @@ export interface DecoderOptions {
    */
   kvCache?: KvCacheContract;
 }
+
+/**
+ * The LM head's computation: `"nbits"` — MatMulNBits with the dtype's bits and blocks (a float MatMul for
+ * fp32/fp16); `"w8a8"` — MatMulInteger with int8 weights per output feature (vocabulary row) and the final
+ * hidden state quantized to int8 per token (float32 graphs); `"float"` — a float MatMul on vocabulary slices.
+ */
+export type LmHeadMethod = "nbits" | "w8a8" | "float";
 
 /** The decoder's KV-cache I/O contract (see {@link DecoderOptions.kvCache}). */
 export type KvCacheContract = "present" | "append";
@@ -274,9 +281,11 @@ export function buildDecoder(e: ModuleEmitter, cfg: DecoderConfig, opts: Decoder
   // The norm and LM head are per position: slicing first keeps [S, vocab] from ever existing.
   if (lastOnly) h = g.within("model", () => g.op("Slice", [h, g.i64([-1]), g.i64([Number.MAX_SAFE_INTEGER]), g.i64([1])]));
   h = e.rmsNormFused(h, "model.norm", cfg.rms_norm_eps);
+  const head = opts.lmHead ?? "nbits";
   const logits = e.linear(h, "lm_head", {
     bias: false,
-    quantize: opts.quantizeLmHead ?? true,
+    quantize: head === "nbits",
+    int8Dynamic: head === "w8a8",
     maxSliceBytes: opts.lmHeadSliceBytes ?? LM_HEAD_SLICE_BYTES,
     ...(cfg.tie_word_embeddings ? { weight: "model.embed_tokens.weight" } : {}),
   });

@@ -26,7 +26,7 @@ import { withImageProcessorDefaults } from "../../../shared/src/model-meta.ts";
 import { type Qwen2VLConfig, type ResolveOptions, loadQwen2VLCheckpoint } from "../checkpoint/index.ts";
 import { DEFAULT_OPSET, GraphBuilder, IR_VERSION, type ModelSpec, type ValueInfoSpec, type WriteModelResult, writeModel } from "../onnx/index.ts";
 import { type BuildOptions, CONVERT_DTYPES, type ConvertDtype, ConvertError, ModuleEmitter, type TensorSource, floatTypeOf, quantConfigFor } from "./common.ts";
-import { LM_HEAD_SLICE_BYTES, buildDecoder } from "./decoder.ts";
+import { LM_HEAD_SLICE_BYTES, type LmHeadMethod, buildDecoder } from "./decoder.ts";
 import { buildEmbedTokens } from "./embed.ts";
 import type { QuantConfig } from "./quantize.ts";
 import { buildVisionEncoder } from "./vision.ts";
@@ -34,7 +34,7 @@ import { exists, isEmptyDir } from "../fs-util.ts";
 
 export { CONVERT_DTYPES, type ConvertDtype, ConvertError, type TensorSource } from "./common.ts";
 export type { QuantConfig } from "./quantize.ts";
-export { LM_HEAD_SLICE_BYTES } from "./decoder.ts";
+export { LM_HEAD_SLICE_BYTES, type LmHeadMethod } from "./decoder.ts";
 
 /** Graph files and the version of each graph's contract (bump when inputs/outputs or semantics change). */
 export const GRAPHS = {
@@ -77,8 +77,10 @@ export const MANIFEST_FORMAT_VERSION = 1;
  * 3: `decoder_model_append.onnx` (the decoder with the append KV contract) beside the onnx-community graphs.
  * 4: W8A8 linears quantize their input rows with one `QuantizeLinear` (per row, axis 0) instead of
  *    Div → Round → Add → Cast: the same bytes.
+ * 5: the LM head option (`lmHead`, manifest `converter.options.lm_head` instead of `quantize_lm_head`); int4 and
+ *    int8 with `w8a8` default to a W8A8 LM head (`lm_head.weight_I8`, MatMulInteger) instead of MatMulNBits.
  */
-export const CONVERTER_REVISION = 4;
+export const CONVERTER_REVISION = 5;
 
 /** Conversion progress, reported after every tensor. */
 export interface ConvertProgress {
@@ -100,14 +102,21 @@ export interface ConvertOptions {
   quant?: Partial<Omit<QuantConfig, "bits">>;
   /** Decoder outputs logits of the last position only (default true). */
   lastLogitsOnly?: boolean;
-  /** int8/int4: quantize the LM head as well (default true). */
-  quantizeLmHead?: boolean;
+  /**
+   * How the LM head is computed (see `LmHeadMethod`). int4 and int8 with `w8a8` default to `"w8a8"` (int8
+   * weights per vocabulary row, int8 activations per token): for int4 its error is that of int8, not of 4-bit
+   * blocks, and for both a batch of rows costs little more than one (2B shape, 2 cores: the 8-row decode step
+   * ×0.87 for int4, ×0.7–0.9 for `w8a8`, one row unchanged; int4 +84 MB). Weight-only int8 defaults to
+   * `"nbits"` (MatMulNBits int8, like its layers). fp32/fp16 allow only `"float"` (the default); anything else
+   * is a `bad_options` error.
+   */
+  lmHead?: LmHeadMethod;
   /**
    * int8 only: the decoder layers' Linear weights as W8A8 integer GEMMs (`MatMulInteger`: int8 weights per
    * output feature, int8 activations quantized per token at run time) instead of weight-only `MatMulNBits`.
    * Prefill (time to first token) is much faster on CPUs with VNNI/AMX (2B shape: 1.6 s vs 2.9 s), decode
-   * about the same, logits ~2.5% relative RMS from float32 (int4 block 32: ~25%). The LM head stays
-   * MatMulNBits int8 (or float32 with `quantizeLmHead: false`), and the vision encoder defaults to W8A8 too.
+   * about the same, logits ~2.5% relative RMS from float32 (int4 block 32: ~25%). The LM head follows
+   * `lmHead`, and the vision encoder defaults to W8A8 too.
    * Any other dtype is a `bad_options` error. Default false.
    */
   w8a8?: boolean;
@@ -119,7 +128,7 @@ export interface ConvertOptions {
    */
   visionInt8?: boolean;
   /**
-   * A float LM head (fp32/fp16, or int8/int4 without `quantizeLmHead`) above this many bytes becomes MatMuls
+   * A float LM head (fp32/fp16, or int8/int4 with `lmHead: "float"`) above this many bytes becomes MatMuls
    * on vocabulary slices of at most about this size, concatenated: identical logits, and ONNX Runtime's
    * load-time prepacking holds one slice twice instead of the whole head. Default 256 MiB
    * (`LM_HEAD_SLICE_BYTES`); 0 = one MatMul. Mainly for tests (a smaller value splits a small model's head).
@@ -165,12 +174,12 @@ export interface ManifestGraph {
  */
 export interface GraphOptions {
   dtype: ConvertDtype;
-  /** MatMulNBits settings (int8/int4; for int8 with w8a8 they apply to the LM head only), else null. */
+  /** MatMulNBits settings (int8/int4: of the parts that are MatMulNBits, see `lm_head` and `w8a8`), else null. */
   quant: QuantConfig | null;
   /** Decoder layers as W8A8 MatMulInteger (int8 only). */
   w8a8: boolean;
-  /** LM head quantized with MatMulNBits (false for fp32/fp16). */
-  quantize_lm_head: boolean;
+  /** The LM head's method (`"float"` for fp32/fp16). */
+  lm_head: LmHeadMethod;
   /** Vision blocks as W8A8 MatMulInteger. */
   vision_int8: boolean;
   last_logits_only: boolean;
@@ -186,7 +195,7 @@ export interface GraphOptions {
  * {@link ConvertError} `bad_options`). What {@link convertModel} records as `converter.options`.
  */
 export function graphOptionsOf(
-  options: Pick<ConvertOptions, "dtype" | "quant" | "w8a8" | "quantizeLmHead" | "visionInt8" | "lastLogitsOnly" | "lmHeadSliceBytes" | "appendDecoder" | "externalData">,
+  options: Pick<ConvertOptions, "dtype" | "quant" | "w8a8" | "lmHead" | "visionInt8" | "lastLogitsOnly" | "lmHeadSliceBytes" | "appendDecoder" | "externalData">,
 ): GraphOptions {
   const dtype = options.dtype ?? "fp32";
   if (!CONVERT_DTYPES.includes(dtype)) throw new ConvertError("bad_options", `dtype must be one of ${CONVERT_DTYPES.join(", ")}, got ${JSON.stringify(dtype)}`);
@@ -202,7 +211,7 @@ export function graphOptionsOf(
     dtype,
     quant,
     w8a8,
-    quantize_lm_head: quant !== null && (options.quantizeLmHead ?? true),
+    lm_head: lmHeadOf(dtype, options.lmHead, w8a8),
     vision_int8: visionInt8Of(dtype, options.visionInt8, w8a8),
     last_logits_only: options.lastLogitsOnly ?? true,
     lm_head_slice_bytes: slice,
@@ -222,14 +231,11 @@ function nbitsMethod(q: QuantConfig): string {
 export function quantizationOf(o: GraphOptions): ConvertManifest["quantization"] {
   if (!o.quant) return null;
   const layers = o.w8a8 ? W8A8_METHOD : nbitsMethod(o.quant);
-  const lmHead = o.quantize_lm_head ? nbitsMethod(o.quant) : "float32";
+  const lmHead = { nbits: nbitsMethod(o.quant), w8a8: W8A8_METHOD, float: "float32" }[o.lm_head];
+  const headShort = { nbits: `MatMulNBits int${o.quant.bits}`, w8a8: "W8A8 MatMulInteger", float: "float32" }[o.lm_head];
   return {
     method: o.w8a8 ? "MatMulInteger" : "MatMulNBits",
-    applies_to: o.w8a8
-      ? `decoder linear layers (W8A8); lm_head ${o.quantize_lm_head ? `MatMulNBits int${o.quant.bits}` : "float32"}`
-      : o.quantize_lm_head
-        ? "decoder linear layers and lm_head"
-        : "decoder linear layers (lm_head float32)",
+    applies_to: `decoder linear layers (${o.w8a8 ? "W8A8 MatMulInteger" : `MatMulNBits int${o.quant.bits}`}); lm_head ${headShort}`,
     ...o.quant,
     w8a8: o.w8a8,
     parts: { decoder_layers: layers, lm_head: lmHead },
@@ -255,9 +261,10 @@ export interface ConvertManifest {
   io_float_type: "float32" | "float16";
   /**
    * The decoder's quantization (null for fp32/fp16). `method` is the decoder layers' op; `bits`, `blockSize`,
-   * `symmetric`, `accuracyLevel` are the MatMulNBits settings (with `w8a8`, of the LM head only); `parts` spells
-   * out the method of each part, e.g. `decoder_layers`: "MatMulInteger W8A8 (int8 weights per output feature,
-   * int8 activations per token)", `lm_head`: "MatMulNBits int8 (block 32, asymmetric, accuracy_level 4)".
+   * `symmetric`, `accuracyLevel` are the MatMulNBits settings of the parts that use it (none when layers and LM
+   * head are both W8A8); `parts` spells out the method of each part, e.g. `decoder_layers`: "MatMulNBits int4
+   * (block 32, asymmetric, accuracy_level 4)", `lm_head`: "MatMulInteger W8A8 (int8 weights per output feature,
+   * int8 activations per token)".
    */
   quantization:
     | (QuantConfig & {
@@ -354,7 +361,7 @@ export function buildGraphs(
   weights: TensorSource,
   opts: BuildOptions & {
     lastLogitsOnly?: boolean;
-    quantizeLmHead?: boolean;
+    lmHead?: LmHeadMethod;
     visionInt8?: boolean;
     w8a8?: boolean;
     lmHeadSliceBytes?: number;
@@ -365,13 +372,14 @@ export function buildGraphs(
   if (opts.w8a8 && opts.dtype !== "int8") throw new ConvertError("bad_options", `w8a8 (W8A8 MatMulInteger decoder layers) needs dtype int8, got ${opts.dtype}`);
   const build: BuildOptions = { dtype: opts.dtype, ...(opts.quant ? { quant: opts.quant } : {}) };
   const visionInt8 = visionInt8Of(opts.dtype, opts.visionInt8, opts.w8a8 ?? false);
+  const lmHead = lmHeadOf(opts.dtype, opts.lmHead, opts.w8a8 ?? false);
   const decoder = (name: "decoder_model_merged" | "decoder_model_append") =>
     graphModel(
       name,
       (e) =>
         buildDecoder(e, config.text, {
           lastLogitsOnly: opts.lastLogitsOnly ?? true,
-          quantizeLmHead: opts.quantizeLmHead ?? true,
+          lmHead,
           ...(opts.w8a8 ? { w8a8: true } : {}),
           ...(opts.lmHeadSliceBytes !== undefined ? { lmHeadSliceBytes: opts.lmHeadSliceBytes } : {}),
           kvCache: name === "decoder_model_append" ? "append" : "present",
@@ -394,6 +402,25 @@ export function buildGraphs(
 export function visionInt8Of(dtype: ConvertDtype, option: boolean | undefined, w8a8 = false): boolean {
   if (dtype === "fp16") return false;
   return option ?? (dtype === "int4" || (dtype === "int8" && w8a8));
+}
+
+/** The LM head methods, as the converter's option spells them. */
+export const LM_HEAD_METHODS: readonly LmHeadMethod[] = ["nbits", "w8a8", "float"];
+
+/**
+ * The LM head's method for a dtype and option (throws `bad_options` for one the dtype cannot have): float for
+ * fp32/fp16; int4 and int8 with `w8a8` default to W8A8, weight-only int8 to MatMulNBits (see
+ * {@link ConvertOptions.lmHead}).
+ */
+export function lmHeadOf(dtype: ConvertDtype, option: LmHeadMethod | undefined, w8a8 = false): LmHeadMethod {
+  if (option !== undefined && !LM_HEAD_METHODS.includes(option)) {
+    throw new ConvertError("bad_options", `lmHead must be one of ${LM_HEAD_METHODS.join(", ")}, got ${JSON.stringify(option)}`);
+  }
+  if (dtype === "fp32" || dtype === "fp16") {
+    if (option !== undefined && option !== "float") throw new ConvertError("bad_options", `lmHead ${option} needs dtype int8 or int4, got ${dtype}`);
+    return "float";
+  }
+  return option ?? (dtype === "int4" || w8a8 ? "w8a8" : "nbits");
 }
 
 /** Whether a graph holds quantized weights (MatMulNBits / MatMulInteger), which ORT repacks at load. */
@@ -424,7 +451,7 @@ export async function convertModel(options: ConvertOptions): Promise<ConvertResu
     const buildOpts = {
       dtype,
       lastLogitsOnly: go.last_logits_only,
-      quantizeLmHead: go.quantize_lm_head,
+      lmHead: go.lm_head,
       visionInt8: go.vision_int8,
       w8a8: go.w8a8,
       lmHeadSliceBytes: go.lm_head_slice_bytes,
