@@ -12,13 +12,16 @@
  *                prefill-chunk setting, all on the same schedule; default variants int4 and int8-w8a8
  *   kv           the decode step with the append KV contract vs the onnx-community one (both graphs of one
  *                folder, interleaved) per context length and batch size; default variant int4
+ *   draft        speculative decoding (prompt-lookup drafts, the engine's DRAFT_TOKENS): the decoder pass over
+ *                1 + k tokens against a step, decode tok/s with drafts against none, and the speedup per
+ *                acceptance rate; default variants int4 and int8-w8a8
  *   edge         the worker under `wrangler dev` against an instant backend double: req/s, p50/p99, cold start,
  *                tokenizer heap (proxy for isolate memory)
  *   all          every suite above, in that order
  *
  * Options: --dtypes fp32,int8,int4,int8-w8a8 (also fp16)  --runs 3  --tokens 32  --threads 2  --quick  --cache /tmp/medvlm-bench-cache
  *          --results-dir bench/results  --levels 1,2,4,8  --max-batch 8  --rounds 1  --requests 300  --clients 8
- *          --bandwidth-mib 1024  --contexts 300,1024,2048  --kv-rows 1,8  --prefill-chunks 0,128  --arrivals 16  --load 1  --seed 1  --no-tjs  --child-timeout 900  --drop-checkpoint
+ *          --bandwidth-mib 1024  --contexts 300,1024,2048  --kv-rows 1,8  --prefill-chunks 0,128  --draft-tokens 1,2,4,8  --arrivals 16  --load 1  --seed 1  --no-tjs  --child-timeout 900  --drop-checkpoint
  *          --probe-image <file> --probe-max-pixels N (concurrency: the arriving probe asks about this image, e.g. a large one)
  * Each suite prints a table and writes bench/results/<suite>-<timestamp>.json (with machine info).
  */
@@ -27,13 +30,13 @@ import { parseArgs } from "node:util";
 import { CONFIG_DEFAULTS } from "../gpu-backend/src/server/config.ts";
 import { ALL_DTYPES, BENCH_DIR, DEFAULT_CACHE, DEFAULT_DTYPES, type BenchOptions, type Dtype, log } from "./lib/common.ts";
 
-export const SUITES = ["models", "single", "bandwidth", "concurrency", "arrivals", "kv", "edge"] as const;
+export const SUITES = ["models", "single", "bandwidth", "concurrency", "arrivals", "kv", "draft", "edge"] as const;
 export type Suite = (typeof SUITES)[number];
 
 const USAGE =
-  "usage: npm run bench -- <models|single|bandwidth|concurrency|arrivals|kv|edge|all> [--dtypes fp32,int8,int4,int8-w8a8] [--runs N] [--tokens N] [--threads N]\n" +
+  "usage: npm run bench -- <models|single|bandwidth|concurrency|arrivals|kv|draft|edge|all> [--dtypes fp32,int8,int4,int8-w8a8] [--runs N] [--tokens N] [--threads N]\n" +
   "       [--quick] [--cache DIR] [--results-dir DIR] [--levels 1,2,4,8] [--max-batch N] [--rounds N] [--requests N] [--clients N]\n" +
-  "       [--bandwidth-mib N] [--contexts 300,1024,2048] [--kv-rows 1,8] [--prefill-chunks 0,128] [--probe-image FILE] [--probe-max-pixels N]\n" +
+  "       [--bandwidth-mib N] [--contexts 300,1024,2048] [--kv-rows 1,8] [--prefill-chunks 0,128] [--draft-tokens 1,2,4,8] [--probe-image FILE] [--probe-max-pixels N]\n" +
   "       [--arrivals N] [--load X] [--seed N] [--no-tjs] [--child-timeout S] [--drop-checkpoint]";
 
 export class UsageError extends Error {}
@@ -61,6 +64,7 @@ export function parseBenchArgs(argv: string[]): { suites: Suite[]; opts: BenchOp
         contexts: { type: "string" },
         "kv-rows": { type: "string" },
         "prefill-chunks": { type: "string" },
+        "draft-tokens": { type: "string" },
         "probe-image": { type: "string" },
         "probe-max-pixels": { type: "string" },
         arrivals: { type: "string" },
@@ -119,6 +123,9 @@ export function parseBenchArgs(argv: string[]): { suites: Suite[]; opts: BenchOp
     kvRows: (v["kv-rows"] ?? (quick ? "1,2" : "1,8")).split(",").map((s) => int("kv-rows", s, 1)),
     // The serving default against whole-prompt admission (0) as its peer; the tiny model's prompts are short.
     prefillChunks: (v["prefill-chunks"] ?? (quick ? "0,32" : `0,${CONFIG_DEFAULTS.prefillChunk}`)).split(",").map((s) => int("prefill-chunks", s, 0, 0)),
+    draftTokens: (v["draft-tokens"] ?? (quick ? "1,3" : "1,2,4,8")).split(",").map((s) => int("draft-tokens", s, 1)),
+    // Speculative decoding pays where a pass over several tokens is cheap: compare the two serving configurations.
+    draftDtypes: v.dtypes === undefined ? (quick ? ["int4"] : ["int4", "int8-w8a8"]) : dtypes,
     probeImage: v["probe-image"] ?? null,
     probeMaxPixels: int("probe-max-pixels", v["probe-max-pixels"], 12845056, 3136),
     // The two serving configurations: int4 (least memory) and int8-w8a8 (fastest first token).
@@ -158,6 +165,9 @@ export async function runBench(argv: string[]): Promise<string[]> {
         break;
       case "kv":
         r = await (await import("./suites/kv.ts")).kvSuite(opts);
+        break;
+      case "draft":
+        r = await (await import("./suites/draft.ts")).draftSuite(opts);
         break;
       case "edge":
         r = await (await import("./suites/edge.ts")).edgeSuite(opts);

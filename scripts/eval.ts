@@ -1,7 +1,7 @@
 /**
  * `npm run eval -- --data <file.json> --images <folder> (--model <onnx folder> | --api <base URL> --token <JWT>)
  *                  [--batch N] [--limit N] [--subset MRI|CT|X-ray|<name>] [--max-new-tokens N]
- *                  [--out results.json] [--save-outputs] [--skip-missing] [--provider cpu|cuda] [--threads N]`
+ *                  [--out results.json] [--save-outputs] [--skip-missing] [--provider cpu|cuda] [--threads N] [--draft-tokens K]`
  *
  * Evaluates MedVLM-R1 on a file in the reference evaluation format (MRI_CT_XRAY_300each_dataset.json) the
  * way the paper did: the reference prompt, greedy decoding, 512 new tokens, the letter from
@@ -9,6 +9,8 @@
  * format compliance, tokens per answer, throughput and wall time; writes the same plus machine info and one
  * record per item to `--out` (default eval-results.json). Exit status 0 on success, 1 when the run fails,
  * 2 for usage errors. The token may also come from the EVAL_TOKEN environment variable (kept out of `ps`).
+ * `--draft-tokens K` (local) decodes speculatively (the replies are the same) and reports the draft tokens kept:
+ * with `--batch 1` every item drafts, which measures how often MedVLM-R1's text is drafted right.
  */
 import { dirname, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -22,6 +24,7 @@ const USAGE =
   "usage: npm run eval -- --data <file.json> [--images <folder>] (--model <onnx folder> | --api <base URL> --token <JWT>)\n" +
   `         [--batch N (default ${DEFAULT_BATCH})] [--limit N] [--subset MRI|CT|X-ray|<name>] [--max-new-tokens N (default ${REFERENCE_MAX_NEW_TOKENS})]\n` +
   "         [--out results.json (default eval-results.json)] [--save-outputs] [--skip-missing] [--provider cpu|cuda] [--threads N]\n" +
+  "         [--draft-tokens K (local: speculative decoding, drafts of up to K tokens; best with --batch 1)]\n" +
   "  --images defaults to the data file's folder; the items' image paths are relative to it.";
 
 /** Most dataset warnings printed one by one (all are counted, and listed by index in the results file). */
@@ -48,6 +51,7 @@ export async function runEvalCli(argv: string[], io: CliIO = processIO, env: Nod
       "skip-missing": { type: "boolean", default: false },
       provider: { type: "string", default: "cpu" },
       threads: { type: "string" },
+      "draft-tokens": { type: "string" },
     },
     u,
   );
@@ -63,9 +67,11 @@ export async function runEvalCli(argv: string[], io: CliIO = processIO, env: Nod
   const limit = int("limit", values.limit);
   const maxNew = int("max-new-tokens", values["max-new-tokens"]);
   const threads = int("threads", values.threads);
-  for (const [name, v] of [["batch", batch], ["limit", limit], ["max-new-tokens", maxNew], ["threads", threads]] as const) {
+  const draftTokens = int("draft-tokens", values["draft-tokens"]);
+  for (const [name, v] of [["batch", batch], ["limit", limit], ["max-new-tokens", maxNew], ["threads", threads], ["draft-tokens", draftTokens]] as const) {
     if (v === null) return usage(`--${name} must be a positive integer`);
   }
+  if (draftTokens && !values.model) return usage("--draft-tokens is for a local run (--model); a server drafts by its DRAFT_TOKENS");
   if (values.provider !== "cpu" && values.provider !== "cuda") return usage(`--provider must be cpu or cuda, got ${values.provider}`);
   let target: EvalTarget;
   if (values.model) {
@@ -96,6 +102,7 @@ export async function runEvalCli(argv: string[], io: CliIO = processIO, env: Nod
       ...(limit ? { limit } : {}),
       ...(values.subset !== undefined ? { subset: values.subset } : {}),
       ...(maxNew ? { maxNewTokens: maxNew } : {}),
+      ...(draftTokens ? { draftTokens } : {}),
       skipMissing: values["skip-missing"],
       onWarning: (w) => {
         if (warned++ < MAX_WARNING_LINES) io.stderr(`warning: ${w.message}\n`);

@@ -1,12 +1,15 @@
 /**
  * `npm run generate -- --model <onnx folder> --messages <file.json> [--max-new-tokens N] [--json]
- *                       [--forced-ids 1,2,3] [--temperature T --top-p P --top-k K --seed S] [--stop STR]`
+ *                       [--forced-ids 1,2,3] [--temperature T --top-p P --top-k K --seed S] [--stop STR]
+ *                       [--draft-tokens K]`
  *
  * Runs MedVLM-R1 on a messages file in the Hugging Face / qwen_vl_utils chat format (`{"messages": [...]}`;
  * image items `{"type":"image","image":"<path relative to the file, or absolute>","min_pixels":…,"max_pixels":…}`).
  * Streams the generated text, or with `--json` prints one JSON object on one line (ids, grids, positions,
  * generated ids, text, parsed answer, timings). `--forced-ids` scores a given continuation instead of
- * sampling and adds the top-5 `[id, logit]` of each step (the golden `forced_decode` shape).
+ * sampling and adds the top-5 `[id, logit]` of each step (the golden `forced_decode` shape). `--draft-tokens K`
+ * decodes speculatively (prompt-lookup drafts of up to K tokens checked per decoder pass; the same tokens) and
+ * reports the drafts kept.
  */
 import { readFile } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
@@ -31,6 +34,7 @@ const { values } = parseArgs({
     "repetition-penalty": { type: "string" },
     seed: { type: "string" },
     stop: { type: "string", multiple: true },
+    "draft-tokens": { type: "string" },
     threads: { type: "string" },
     provider: { type: "string" },
   },
@@ -80,7 +84,10 @@ const params = {
   stop: values.stop ?? [],
 };
 
+const draftTokens = num("draft-tokens", values["draft-tokens"]) ?? 0;
+if (!Number.isInteger(draftTokens) || draftTokens < 0) fail("--draft-tokens must be an integer ≥ 0");
 const result = await runGeneration(model, prompt, params, {
+  draftTokens,
   ...(forcedIds ? { forcedIds } : {}),
   topK: forcedIds ? 5 : 0,
   onToken: values.json ? undefined : (t) => process.stdout.write(t.text),
@@ -101,6 +108,7 @@ if (values.json) {
       finish_reason: result.finishReason,
       answer: parseAnswer(result.text),
       timings: result.timings,
+      drafts: result.drafts,
       ...(forcedIds ? { steps: result.steps } : {}),
     }) + "\n",
   );

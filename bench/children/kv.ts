@@ -7,7 +7,7 @@
  * Both graphs use the same weights, so the ratio isolates the cache handling.
  */
 import * as ort from "onnxruntime-node";
-import { kvSpec } from "../../gpu-backend/src/engine/generate.ts";
+import { logitsToKeepFeed, kvSpec } from "../../gpu-backend/src/engine/generate.ts";
 import { KvCache, type KvContract } from "../../gpu-backend/src/engine/kv-cache.ts";
 import { type LoadedModel, loadModel, releaseModel } from "../../gpu-backend/src/engine/model.ts";
 import { childArgs, childDone, childMain, peakRss } from "../lib/common.ts";
@@ -64,7 +64,7 @@ async function step(model: LoadedModel, cache: KvCache, B: number): Promise<numb
   const embeds = await model.embeddings.lookup(Array.from({ length: B }, (_, i) => 1000 + i), [B, 1]);
   const pos = new BigInt64Array(3 * B).fill(BigInt(cache.L));
   await model.sessions.decoder.run(
-    { inputs_embeds: embeds, position_ids: new ort.Tensor("int64", pos, [3, B, 1]), ...cache.inputs(1, new Array(B).fill(0)) },
+    { inputs_embeds: embeds, position_ids: new ort.Tensor("int64", pos, [3, B, 1]), ...cache.inputs(1, new Array(B).fill(0)), ...logitsToKeepFeed(model, 1) },
     { logits: null, ...cache.outputs(1) },
   );
   cache.commit(1);

@@ -92,7 +92,7 @@ childMain(async () => {
       ttft_ms: times[0]! - start,
       decode_tokens: n,
       decode_tok_s: n > 0 ? n / ((times[n]! - times[0]!) / 1000) : NaN,
-      decode_step_ms_median: median(r.timings.decode_ms_per_token),
+      decode_step_ms_median: median(r.timings.decode_ms_per_pass),
       total_ms: times[n]! - start,
     };
     return { sample, argmax: r.steps.map((s) => s.top5[0]![0]) };

@@ -70,6 +70,9 @@ export interface BenchOptions {
   kvDtypes: Dtype[];
   contexts: number[];
   kvRows: number[];
+  /** draft suite: draft sizes k (passes of k + 1 tokens) and variants (int4 and int8-w8a8 unless --dtypes is given) */
+  draftTokens: number[];
+  draftDtypes: Dtype[];
   /** skip the transformers.js comparison in `single` */
   noTjs: boolean;
   /** per-child timeout in seconds */

@@ -177,7 +177,16 @@ export const OPENAPI = {
           finish_reason: { enum: ["stop", "length"] },
           usage: {
             type: "object",
-            properties: { prompt_tokens: { type: "integer" }, image_tokens: { type: "integer" }, completion_tokens: { type: "integer" } },
+            properties: {
+              prompt_tokens: { type: "integer" },
+              image_tokens: { type: "integer" },
+              completion_tokens: { type: "integer" },
+              completion_tokens_details: {
+                type: "object",
+                description: "Present when the backend decodes speculatively (DRAFT_TOKENS): draft tokens kept and not; the completion is the same either way",
+                properties: { accepted_prediction_tokens: { type: "integer" }, rejected_prediction_tokens: { type: "integer" } },
+              },
+            },
           },
           timings: { type: "object", additionalProperties: { type: "number" } },
         },

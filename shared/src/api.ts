@@ -23,6 +23,12 @@ export interface Usage {
   prompt_tokens: number;
   image_tokens: number;
   completion_tokens: number;
+  /**
+   * Present when the backend decoded speculatively (its `DRAFT_TOKENS`) and drafted anything: draft tokens
+   * checked and kept (`accepted_prediction_tokens`, part of `completion_tokens`) or not. The completion is the
+   * same either way; these say how much the drafts saved.
+   */
+  completion_tokens_details?: { accepted_prediction_tokens: number; rejected_prediction_tokens: number };
 }
 
 /** Milliseconds spent in each phase, as measured where the phase ran. */

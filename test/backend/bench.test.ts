@@ -11,6 +11,7 @@ import { conversionMismatch } from "../../bench/lib/models.ts";
 import { poissonArrivals } from "../../bench/lib/workload.ts";
 import { parseBenchArgs, runBench, UsageError } from "../../bench/run.ts";
 import { summarizeArrivals } from "../../bench/suites/arrivals.ts";
+import { expectedTokensPerPass } from "../../bench/suites/draft.ts";
 import { CONVERTER_REVISION } from "../../gpu-backend/src/convert/index.ts";
 import { PROJECT_ROOT } from "../support/golden.ts";
 
@@ -35,7 +36,10 @@ describe("bench (quick, tiny model)", () => {
     const { suites, opts } = parseBenchArgs(["single", "--dtypes", "fp32,int4", "--runs", "3", "--tokens", "32", "--threads", "2"]);
     expect(suites).toEqual(["single"]);
     expect(opts).toMatchObject({ dtypes: ["fp32", "int4"], runs: 3, tokens: 32, threads: 2, quick: false });
-    expect(parseBenchArgs(["all", "--quick"]).suites).toEqual(["models", "single", "bandwidth", "concurrency", "arrivals", "kv", "edge"]);
+    expect(parseBenchArgs(["all", "--quick"]).suites).toEqual(["models", "single", "bandwidth", "concurrency", "arrivals", "kv", "draft", "edge"]);
+    expect(parseBenchArgs(["draft"]).opts).toMatchObject({ draftDtypes: ["int4", "int8-w8a8"], draftTokens: [1, 2, 4, 8] });
+    expect(parseBenchArgs(["draft", "--dtypes", "fp32", "--draft-tokens", "3"]).opts).toMatchObject({ draftDtypes: ["fp32"], draftTokens: [3] });
+    expect(() => parseBenchArgs(["draft", "--draft-tokens", "0"])).toThrow(UsageError);
     expect(parseBenchArgs(["concurrency", "--probe-image", "x.png", "--probe-max-pixels", "50176"]).opts).toMatchObject({ probeImage: "x.png", probeMaxPixels: 50176 });
     expect(() => parseBenchArgs(["concurrency", "--probe-max-pixels", "100"])).toThrow(UsageError);
     expect(parseBenchArgs(["arrivals"]).opts).toMatchObject({ arrivalsDtypes: ["int4", "int8-w8a8"], arrivals: 16, load: 1, seed: 1, prefillChunks: [0, 128] });
@@ -207,6 +211,35 @@ describe("bench (quick, tiny model)", () => {
     // tiny-a: 2 layers × K/V × 2 KV heads × 16 dims × 4 bytes per position and row.
     expect(points[3].cache_bytes).toBe(2 * 2 * 2 * 100 * 2 * 16 * 4);
   }, 240_000);
+
+  it("draft: pass cost per tokens fed, decode with and without drafts (same tokens), and the derived speedups", async () => {
+    const [file] = await runBench(["draft", ...common, "--tokens", "8"]);
+    const r = readResult(file!);
+    expectMachine(r);
+    expect(r.failures).toEqual({});
+    const [res] = r.results;
+    expect(res.passes.map((p: { tokens: number }) => p.tokens)).toEqual([1, 2, 4]);
+    expect(res.passes[0].ratio).toBe(1);
+    for (const p of res.passes) expect(p.ms.n).toBe(2);
+    expect(res.runs.map((x: { text: string; draft_tokens: number }) => `${x.text}:${x.draft_tokens}`)).toEqual(["greedy:0", "greedy:1", "greedy:3", "sampled:0", "sampled:1", "sampled:3"]);
+    for (const x of res.runs) {
+      expect(x.same_tokens).toBe(true);
+      expect(positive(x.tok_s.median)).toBe(true);
+    }
+    // The tiny model's greedy text is one token repeated: once it has repeated, every draft is kept.
+    const greedy3 = res.runs.find((x: { text: string; draft_tokens: number }) => x.text === "greedy" && x.draft_tokens === 3);
+    expect(greedy3.acceptance).toBe(1);
+    expect(greedy3.tokens_per_pass).toBeGreaterThan(1.5);
+    expect(res.runs[0].acceptance).toBeNull();
+    expect(res.runs[0].tokens_per_pass).toBe(1);
+  }, 240_000);
+
+  it("draft: tokens per pass at acceptance p", () => {
+    expect(expectedTokensPerPass(0, 0.5)).toBe(1);
+    expect(expectedTokensPerPass(3, 0.5)).toBe(1.875);
+    expect(expectedTokensPerPass(4, 1)).toBe(5);
+    expect(expectedTokensPerPass(4, 0)).toBe(1);
+  });
 
   it("concurrency --probe-image: the probe asks about another image at its own grid", async () => {
     const [file] = await runBench(["concurrency", ...common, "--dtypes", "int4", "--tokens", "12", "--levels", "2", "--prefill-chunks", "32", "--probe-image", join(PROJECT_ROOT, "samples", "mdb146.png"), "--probe-max-pixels", "100352"]);

@@ -86,10 +86,11 @@ describe("fp32 conversion of tiny-a", () => {
     ]);
     expect(dec.outputs.map((o) => o.name)).toEqual(["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]);
     expect(dec.outputs[0]!.shape).toEqual(["batch_size", 1, 151936]);
-    // The engine's decoder: the same inputs, only the new tokens' K/V out.
+    // The engine's decoder: the same inputs and how many positions' logits to return, only the new tokens' K/V out.
     const app = manifest.graphs.decoder_model_append!;
-    expect(app.inputs).toEqual(dec.inputs);
+    expect(app.inputs).toEqual([...dec.inputs, { name: "logits_to_keep", type: "int64", shape: [1] }]);
     expect(app.outputs.map((o) => o.name)).toEqual(["logits", "new_key_values.0.key", "new_key_values.0.value", "new_key_values.1.key", "new_key_values.1.value"]);
+    expect(app.outputs[0]!.shape).toEqual(["batch_size", "logits_to_keep", 151936]);
     expect(app.outputs[1]!.shape).toEqual(["batch_size", 2, "sequence_length", 16]);
     expect(manifest.converter.options.append_decoder).toBe(true);
     expect(manifest.graphs.vision_encoder.inputs).toEqual([
@@ -175,14 +176,24 @@ describe("fp32 conversion of tiny-a", () => {
     const app = await ort.InferenceSession.create(join(tmp, "fp32", "decoder_model_append.onnx"), { intraOpNumThreads: 1 });
     try {
       const i64 = (v: number[], dims: number[]) => new ort.Tensor("int64", BigInt64Array.from(v.map(BigInt)), dims);
-      const run = (embeds: Float32Array, seq: number, mask: number[], pos: number[], past: Record<string, ort.Tensor>) =>
-        app.run({ inputs_embeds: new ort.Tensor("float32", embeds, [1, seq, H]), attention_mask: i64(mask, [1, mask.length]), position_ids: i64(pos, [3, 1, seq]), ...past });
+      const run = (embeds: Float32Array, seq: number, mask: number[], pos: number[], past: Record<string, ort.Tensor>, keep = 1) =>
+        app.run({
+          inputs_embeds: new ort.Tensor("float32", embeds, [1, seq, H]),
+          attention_mask: i64(mask, [1, mask.length]),
+          position_ids: i64(pos, [3, 1, seq]),
+          logits_to_keep: i64([keep], [1]),
+          ...past,
+        });
       const names = Array.from({ length: layers }, (_, i) => ["key", "value"].map((kind) => `${i}.${kind}`)).flat();
       // Prefill from an empty cache: the same logits, and new_key_values = present.
       const embeds = await model.promptEmbeds(c);
       const ref = await model.decode(embeds, 1, S, new Array(S).fill(1), c.position_ids.flat(), model.emptyPast(1));
       const pre = await run(embeds, S, new Array(S).fill(1), c.position_ids.flat(), model.emptyPast(1));
       expect(maxAbsDiff(pre.logits!.data as Float32Array, ref.logits)).toBeLessThanOrEqual(1e-5);
+      // logits_to_keep = 3: the last three positions' rows, the last of them the same.
+      const three = await run(embeds, S, new Array(S).fill(1), c.position_ids.flat(), model.emptyPast(1), 3);
+      expect(three.logits!.dims).toEqual([1, 3, ref.logits.length]);
+      expect(maxAbsDiff((three.logits!.data as Float32Array).subarray(2 * ref.logits.length), ref.logits)).toBeLessThanOrEqual(1e-5);
       for (const n of names) {
         expect(pre[`new_key_values.${n}`]!.dims).toEqual([1, kv, S, hd]);
         // Layer 0's K/V are the same ops on the same inputs; later layers see attention summed in another order.

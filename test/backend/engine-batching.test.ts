@@ -3,16 +3,16 @@
  * golden (= single-sequence) ids token for token, requests join and leave between steps, and every request
  * ends in exactly one terminal event.
  */
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { DEFAULT_PARAMS, type GenerationParams } from "../../shared/src/wire.ts";
 import { BatchingEngine, nextPrefillChunk } from "../../gpu-backend/src/engine/engine.ts";
-import type { EngineEvent, EngineRequest } from "../../gpu-backend/src/engine/engine-types.ts";
+import type { EngineEvent } from "../../gpu-backend/src/engine/engine-types.ts";
 import { loadModel, releaseModel, type LoadedModel } from "../../gpu-backend/src/engine/model.ts";
-import { GOLDEN_DIR, loadGoldenCases, type GoldenCase } from "../support/golden.ts";
+import { loadGoldenCases } from "../support/golden.ts";
 import { buildTinyModel } from "../support/tiny-model.ts";
+import { collect, requestFor, tokenIds } from "../support/engine-requests.ts";
 
 const cases = loadGoldenCases();
 let work: string;
@@ -28,35 +28,6 @@ afterAll(async () => {
   rmSync(work, { recursive: true, force: true });
 });
 
-function requestFor(c: GoldenCase, id: string, params: Partial<GenerationParams> = {}): EngineRequest {
-  return {
-    id,
-    inputIds: Int32Array.from(c.input_ids),
-    images: c.images.map((im) => ({
-      bytes: new Uint8Array(readFileSync(join(GOLDEN_DIR, im.image))),
-      mime: im.original_format === "JPEG" ? "image/jpeg" : "image/png",
-      minPixels: im.qwen_vl_utils_kwargs.min_pixels ?? 3136,
-      maxPixels: im.qwen_vl_utils_kwargs.max_pixels ?? 12845056,
-      expectedGrid: im.grid_thw,
-    })),
-    params: { ...DEFAULT_PARAMS, max_new_tokens: c.generated_ids.length, ...params },
-    deadlineMs: null,
-  };
-}
-
-/** Submits and collects a request's events until its terminal event. */
-function collect(engine: BatchingEngine, req: EngineRequest, onEvent?: (ev: EngineEvent) => void): Promise<EngineEvent[]> {
-  return new Promise((resolve) => {
-    const events: EngineEvent[] = [];
-    engine.submit(req, (ev) => {
-      events.push(ev);
-      onEvent?.(ev);
-      if (ev.type === "done" || ev.type === "error") resolve(events);
-    });
-  });
-}
-
-const tokenIds = (events: EngineEvent[]) => events.flatMap((e) => (e.type === "token" ? [e.id] : []));
 
 describe("BatchingEngine", () => {
   it.each(["append", "present"] as const)("six concurrent requests (batch 4) each reproduce the golden greedy ids (%s KV contract)", async (kv) => {

@@ -165,7 +165,19 @@ describe("npm run generate", () => {
     expect(j.generated_ids).toEqual(c.generated_ids);
     expect(j.text).toBe(c.generated_text);
     expect(j.answer).toMatchObject({ answer: null, format_ok: false });
-    expect(j.timings.decode_ms_per_token).toHaveLength(23);
+    expect(j.timings.decode_ms_per_pass).toHaveLength(23);
+    expect(j.drafts).toEqual({ proposed: 0, accepted: 0 });
+    // --draft-tokens: the same ids in fewer decoder passes (the test weights repeat a token; the drafts say so).
+    const spec = JSON.parse(
+      execFileSync(
+        process.execPath,
+        [join(PROJECT_ROOT, "node_modules/tsx/dist/cli.mjs"), "scripts/generate.ts", "--model", join(work, "onnx"), "--messages", msgFile, "--max-new-tokens", "24", "--json", "--draft-tokens", "4"],
+        { cwd: PROJECT_ROOT, encoding: "utf8" },
+      ),
+    );
+    expect(spec.generated_ids).toEqual(c.generated_ids);
+    expect(spec.drafts.accepted).toBeGreaterThan(0);
+    expect(spec.timings.decode_ms_per_pass.length + spec.drafts.accepted).toBe(23);
   }, 120_000);
 
   it("--forced-ids scores a continuation: top-5 [id, logit] per step in the golden forced_decode shape", () => {

@@ -253,7 +253,7 @@ interface Seen {
 }
 
 /** A stub `/v1/vqa`: replies chosen by the image's file name ("*": any other); one 429 before its first success for `retryOnce`. */
-function stubApi(replies: Record<string, { raw?: string; status?: number; code?: string }>, retryOnce: string): Promise<{ server: Server; url: string; seen: Seen[]; calls: () => number }> {
+function stubApi(replies: Record<string, { raw?: string; status?: number; code?: string; drafts?: [number, number] }>, retryOnce: string): Promise<{ server: Server; url: string; seen: Seen[]; calls: () => number }> {
   const seen: Seen[] = [];
   let calls = 0;
   let retried = false;
@@ -283,7 +283,9 @@ function stubApi(replies: Record<string, { raw?: string; status?: number; code?:
     });
     const r = replies[file.name] ?? replies["*"] ?? { raw: "<think>no idea</think><answer>A</answer>" };
     if (r.status) return send(r.status, { error: { code: r.code, message: "refused" } });
-    send(200, { object: "vqa.answer", model: "medvlm-r1-stub", raw: r.raw, finish_reason: "stop", usage: { prompt_tokens: 100, image_tokens: 64, completion_tokens: 17 } });
+    const details = r.drafts ? { completion_tokens_details: { accepted_prediction_tokens: r.drafts[0], rejected_prediction_tokens: r.drafts[1] } } : {};
+    const usage = { prompt_tokens: 100, image_tokens: 64, completion_tokens: 17, ...details };
+    send(200, { object: "vqa.answer", model: "medvlm-r1-stub", raw: r.raw, finish_reason: "stop", usage });
   });
   return new Promise((ok) =>
     server.listen(0, "127.0.0.1", () => {
@@ -302,7 +304,7 @@ describe("api mode", () => {
     const wrong = (f: string) => (gold(f) === "A" ? "B" : "A");
     const { server, url, seen, calls } = await stubApi(
       {
-        "knee031316.png": { raw: `<think>x</think>\n<answer> ${gold("knee031316.png")} </answer>` }, // right, format ok
+        "knee031316.png": { raw: `<think>x</think>\n<answer> ${gold("knee031316.png")} </answer>`, drafts: [5, 2] }, // right, format ok; a server that drafts
         "brain003631.png": { raw: `<answer>${gold("brain003631.png")}</answer>` }, // right, no think
         "lung067009.png": { raw: `<think>x</think><answer>${gold("lung067009.png").toLowerCase()}</answer>` }, // fallback only
         "mdb146.png": { raw: `<think>x</think><answer>${wrong("mdb146.png")}</answer>` }, // wrong
@@ -340,6 +342,7 @@ describe("api mode", () => {
       const restCorrect = rest.filter((i) => i.gold === "A").length; // the stub's default reply is A
       expect(s).toMatchObject({ items: 12, skipped: 888, errors: 1, errors_by_code: { invalid_image: 1 }, fallback_only: 1, fallback_correct: 1 });
       expect(s.correct).toBe(2 + restCorrect);
+      expect(s.draft_tokens).toEqual({ accepted: 5, rejected: 2, acceptance: 5 / 7 });
       expect(s.format_ok).toBe(3 + 7); // knee, lung, mdb146 and the 7 default replies
       expect(s.by_subset.map((r) => [r.subset, r.items])).toEqual([
         ["MRI", 8],
@@ -446,16 +449,29 @@ describe("local mode end to end (config-A demo model)", () => {
     expect(s.tokens_per_s).toBeCloseTo(s.completion_tokens.total / (s.wall_ms / 1000), 6);
 
     // Batched (4) and one-at-a-time greedy runs give every item the same reply: no mix-up between requests.
-    const single = await runEvaluation({
-      data: SAMPLES,
-      images: MEDVLM,
-      target: { kind: "local", modelDir, threads: 2 },
-      subset: "failure_cases",
-      batch: 1,
-      maxNewTokens: 8,
-    });
+    const oneAtATime = (draftTokens?: number) =>
+      runEvaluation({
+        data: SAMPLES,
+        images: MEDVLM,
+        target: { kind: "local", modelDir, threads: 2 },
+        subset: "failure_cases",
+        batch: 1,
+        maxNewTokens: 8,
+        ...(draftTokens ? { draftTokens } : {}),
+      });
+    const single = await oneAtATime();
     expect(single.items.map((i) => i.index)).toEqual([8, 9, 10, 11]);
     expect(single.items.map((i) => i.output)).toEqual(items.slice(8).map((i) => i.output));
+    expect(single.summary.draft_tokens).toBeNull();
+    // Speculative decoding (one at a time, so every item drafts): the same replies, and the drafts counted.
+    const drafted = await oneAtATime(3);
+    expect(drafted.items.map((i) => i.output)).toEqual(single.items.map((i) => i.output));
+    expect(drafted.engine.details.draft_tokens).toBe(3);
+    const d = drafted.summary.draft_tokens!;
+    expect(d.accepted).toBeGreaterThan(0);
+    expect(d.accepted).toBe(drafted.items.reduce((a, i) => a + (i.drafts?.accepted ?? 0), 0));
+    expect(d.acceptance).toBeCloseTo(d.accepted / (d.accepted + d.rejected), 12);
+    expect(formatTable(drafted.summary, { engine: drafted.engine, params: drafted.params, batch: 1, promptMismatches: 0 })).toMatch(/^draft tokens kept\s+[\d.]+%/m);
     expect(new Set(items.map((i) => i.output)).size).toBeGreaterThan(1); // the replies do depend on the item
   }, 120_000);
 

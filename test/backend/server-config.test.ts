@@ -36,6 +36,7 @@ describe("loadBackendConfig", () => {
       queueSize: 16,
       maxBatch: 8,
       prefillChunk: 128,
+      draftTokens: 0,
       maxNewTokensCap: 2048,
       maxTotalTokens: CONFIG_DEFAULTS.maxTotalTokens,
       maxImageTokens: CONFIG_DEFAULTS.maxImageTokens,
@@ -54,6 +55,7 @@ describe("loadBackendConfig", () => {
       QUEUE_SIZE: "32",
       MAX_BATCH: "16",
       PREFILL_CHUNK: "0",
+      DRAFT_TOKENS: "4",
       MAX_NEW_TOKENS_CAP: "1024",
       MAX_TOTAL_TOKENS: "8192",
       MAX_IMAGE_TOKENS: "4096",
@@ -68,6 +70,7 @@ describe("loadBackendConfig", () => {
       queueSize: 32,
       maxBatch: 16,
       prefillChunk: 0,
+      draftTokens: 4,
       maxNewTokensCap: 1024,
       maxTotalTokens: 8192,
       maxImageTokens: 4096,
@@ -79,14 +82,15 @@ describe("loadBackendConfig", () => {
   });
 
   it("lists every problem at once, naming each variable", () => {
-    const p = problems({ BACKEND_HMAC_SECRET: "short", EXECUTION_PROVIDER: "tpu", QUEUE_SIZE: "-1", MAX_BATCH: "eight", BACKEND_PORT: "70000", PREFILL_CHUNK: "-5" });
-    expect(p).toHaveLength(7);
+    const p = problems({ BACKEND_HMAC_SECRET: "short", EXECUTION_PROVIDER: "tpu", QUEUE_SIZE: "-1", MAX_BATCH: "eight", BACKEND_PORT: "70000", PREFILL_CHUNK: "-5", DRAFT_TOKENS: "65" });
+    expect(p).toHaveLength(8);
     expect(p.join("\n")).toMatch(/MODEL_DIR is required/);
     expect(p.join("\n")).toMatch(/BACKEND_HMAC_SECRET must be at least 16 characters/);
     expect(p.join("\n")).toMatch(/EXECUTION_PROVIDER must be "cpu" or "cuda"/);
     expect(p.join("\n")).toMatch(/QUEUE_SIZE must be an integer/);
     expect(p.join("\n")).toMatch(/MAX_BATCH must be an integer/);
     expect(p.join("\n")).toMatch(/PREFILL_CHUNK must be an integer in \[0, 1000000\]/);
+    expect(p.join("\n")).toMatch(/DRAFT_TOKENS must be an integer in \[0, 64\]/);
     expect(p.join("\n")).toMatch(/BACKEND_PORT must be an integer in \[0, 65535\]/);
     try {
       loadBackendConfig({});

@@ -90,6 +90,25 @@ describe("POST /v1/vqa forwards exactly the reference's token ids", () => {
     res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(c) }));
     expect(await res.json()).toMatchObject({ letter_valid: false, answer_text: null });
   });
+
+  it("a backend's speculative-decoding counts reach the client in usage (vqa and chat)", async () => {
+    const c = golden.cases[0]!;
+    const events = tokensDone(["<think>x</think>", "<answer>B</answer>"]);
+    const done = events.at(-1) as Extract<(typeof events)[number], { type: "done" }>;
+    done.usage = { ...done.usage, completion_tokens_details: { accepted_prediction_tokens: 1, rejected_prediction_tokens: 3 } };
+    backend.script("default", { kind: "events", events });
+    const vqa = (await (await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(c) }))).json()) as { usage: unknown };
+    expect(vqa.usage).toEqual({ prompt_tokens: 1, image_tokens: 0, completion_tokens: 2, completion_tokens_details: { accepted_prediction_tokens: 1, rejected_prediction_tokens: 3 } });
+    const chat = await call(
+      await authed("/v1/chat/completions", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ messages: [{ role: "user", content: "hi" }] }) }),
+    );
+    expect(((await chat.json()) as { usage: unknown }).usage).toEqual({
+      prompt_tokens: 1,
+      completion_tokens: 2,
+      total_tokens: 3,
+      completion_tokens_details: { accepted_prediction_tokens: 1, rejected_prediction_tokens: 3 },
+    });
+  });
 });
 
 describe("POST /v1/chat/completions", () => {

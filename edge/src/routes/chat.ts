@@ -126,6 +126,8 @@ export async function chatHandler(c: Context<AppEnv>): Promise<Response> {
     prompt_tokens: d.usage.prompt_tokens,
     completion_tokens: d.usage.completion_tokens,
     total_tokens: d.usage.prompt_tokens + d.usage.completion_tokens,
+    // OpenAI's field for predicted-output tokens, which is what a speculative draft is.
+    ...(d.usage.completion_tokens_details ? { completion_tokens_details: d.usage.completion_tokens_details } : {}),
   });
 
   if (!req.stream) {

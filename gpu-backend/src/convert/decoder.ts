@@ -22,7 +22,9 @@
  * `new_key_values.{i}.key` / `.value` [batch, kv_heads, seq, head_dim], which the caller writes into its
  * buffer. Attention scores the queries against the buffer and against the new keys separately and joins the
  * scores ([…, C+seq], a few kB); nothing copies the cache, whose `Concat` in the layout above costs a full read
- * and write of it per layer and step (the larger part of attention at long contexts and in batches).
+ * and write of it per layer and step (the larger part of attention at long contexts and in batches). Its
+ * logits are those of the last `logits_to_keep` positions (int64 [1]; [batch, logits_to_keep, vocab]): 1 for a
+ * decode step or a prefill, more to check a speculative draft in one pass.
  */
 import type { Qwen2VLConfig } from "../checkpoint/config.ts";
 import type { Value } from "../onnx/index.ts";
@@ -94,6 +96,8 @@ export const DIMS = {
   seq: "sequence_length",
   past: "past_sequence_length",
   total: "total_sequence_length",
+  /** The append graph's logits rows (its `logits_to_keep` input). */
+  keep: "logits_to_keep",
 } as const;
 
 /** Position-derived tensors shared by all layers. */
@@ -278,8 +282,14 @@ export function buildDecoder(e: ModuleEmitter, cfg: DecoderConfig, opts: Decoder
   }
   h = g.within(`model.layers.${cfg.num_hidden_layers - 1}`, () => g.op("Add", [h, pending!]));
   const lastOnly = opts.lastLogitsOnly ?? true;
-  // The norm and LM head are per position: slicing first keeps [S, vocab] from ever existing.
-  if (lastOnly) h = g.within("model", () => g.op("Slice", [h, g.i64([-1]), g.i64([Number.MAX_SAFE_INTEGER]), g.i64([1])]));
+  // The norm and LM head are per position: slicing first keeps [S, vocab] from ever existing. The append
+  // graph takes how many of the last positions to keep (`logits_to_keep`, 1 for a decode step or a prefill;
+  // 1 + the draft's length to verify a speculative draft in one pass).
+  const keep = lastOnly && append ? g.input("logits_to_keep", "int64", [1]) : null;
+  if (lastOnly) {
+    const start = keep ? g.within("model", () => g.op("Neg", [keep])) : g.i64([-1]);
+    h = g.within("model", () => g.op("Slice", [h, start, g.i64([Number.MAX_SAFE_INTEGER]), g.i64([1])]));
+  }
   h = e.rmsNormFused(h, "model.norm", cfg.rms_norm_eps);
   const head = opts.lmHead ?? "nbits";
   const logits = e.linear(h, "lm_head", {
@@ -289,7 +299,7 @@ export function buildDecoder(e: ModuleEmitter, cfg: DecoderConfig, opts: Decoder
     maxSliceBytes: opts.lmHeadSliceBytes ?? LM_HEAD_SLICE_BYTES,
     ...(cfg.tie_word_embeddings ? { weight: "model.embed_tokens.weight" } : {}),
   });
-  g.output(logits, "logits", e.float, [batch, lastOnly ? 1 : seq, cfg.vocab_size]);
+  g.output(logits, "logits", e.float, [batch, keep ? DIMS.keep : lastOnly ? 1 : seq, cfg.vocab_size]);
   const [prefix, len] = append ? ["new_key_values", seq] : ["present", total];
   kvOuts.forEach(([k, v], i) => {
     const shape = [batch, cfg.num_key_value_heads, len, cfg.head_dim];

@@ -79,8 +79,10 @@ export const MANIFEST_FORMAT_VERSION = 1;
  *    Div → Round → Add → Cast: the same bytes.
  * 5: the LM head option (`lmHead`, manifest `converter.options.lm_head` instead of `quantize_lm_head`); int4 and
  *    int8 with `w8a8` default to a W8A8 LM head (`lm_head.weight_I8`, MatMulInteger) instead of MatMulNBits.
+ * 6: `decoder_model_append.onnx` takes `logits_to_keep` (int64 [1]): the logits of that many last positions,
+ *    so that the engine can check a speculative draft in one pass.
  */
-export const CONVERTER_REVISION = 5;
+export const CONVERTER_REVISION = 6;
 
 /** Conversion progress, reported after every tensor. */
 export interface ConvertProgress {

@@ -3,8 +3,9 @@
  * turn advances the one request being admitted (image preprocessing and grid check when it starts; then its
  * prefill: whole when nothing else is decoding, else one unit of at most `prefillChunk` prompt tokens, the
  * vision encoder being a unit of its own; the first token when the prompt is in), then runs ONE decode step
- * for every active sequence together (`decodeBatch`); finished sequences leave and admitted ones join
- * between steps. Implements the delivery rules of engine-types.ts.
+ * for every active sequence together (`decodeBatch`; a sequence alone may check a speculative draft in that
+ * pass, {@link BatchingEngineOptions.draftTokens}); finished sequences leave and admitted ones join between
+ * steps. Implements the delivery rules of engine-types.ts.
  */
 import { ApiError, isErrorCode, type ErrorCode } from "../../../shared/src/errors.ts";
 import { ImageDecodeError, preprocessImages } from "../preprocess/index.ts";
@@ -30,6 +31,14 @@ export interface BatchingEngineOptions {
    * whole prefill in one turn.
    */
   prefillChunk?: number;
+  /**
+   * Speculative decoding while one sequence decodes alone: up to this many tokens drafted by prompt lookup
+   * (draft.ts) and checked in the same decoder pass ({@link Generation.advance}; the tokens are those of plain
+   * decoding, int4's near-ties aside). A pass over 1 + k tokens costs more than a step, so it pays where the
+   * drafts are often right and the pass is cheap (W8A8, float, GPU more than int4); batches of several
+   * sequences already share their passes and are not drafted for. 0 (default): off.
+   */
+  draftTokens?: number;
 }
 
 interface Live {
@@ -143,7 +152,14 @@ export class BatchingEngine implements Engine {
       request_id: live.req.id,
       finish_reason: gen.finishReason!,
       text: gen.text,
-      usage: { prompt_tokens: live.req.inputIds.length, image_tokens: live.imageTokens ?? 0, completion_tokens: gen.generatedIds.length },
+      usage: {
+        prompt_tokens: live.req.inputIds.length,
+        image_tokens: live.imageTokens ?? 0,
+        completion_tokens: gen.generatedIds.length,
+        ...(gen.drafts.proposed > 0
+          ? { completion_tokens_details: { accepted_prediction_tokens: gen.drafts.accepted, rejected_prediction_tokens: gen.drafts.proposed - gen.drafts.accepted } }
+          : {}),
+      },
       timings: {
         queue_ms: (live.startedAt ?? live.enqueuedAt) - live.enqueuedAt,
         vision_ms: Math.round(t.vision_ms),
@@ -228,7 +244,16 @@ export class BatchingEngine implements Engine {
         }
       }
       const batch = [...this.active];
-      if (batch.length > 0) {
+      if (batch.length === 1) {
+        // Alone: one pass, which may check a draft and yield several tokens.
+        const [live] = batch as [Live];
+        try {
+          for (const out of await live.gen!.advance(live.gen!.draft(this.opts.draftTokens ?? 0))) this.token(live, out);
+        } catch (e) {
+          if (live.abort.signal.aborted) this.forget(live);
+          else this.fail(live, e);
+        }
+      } else if (batch.length > 0) {
         try {
           const logits = await decodeBatch(this.model, batch.map((l) => l.gen!.seq), batch.map((l) => l.gen!.lastId));
           batch.forEach((live, i) => {

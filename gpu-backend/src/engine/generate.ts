@@ -37,7 +37,7 @@ export interface PromptInput {
 export interface StepTimings {
   vision_ms: number;
   prefill_ms: number;
-  /** Each decode step (embedding + decoder run) in order. */
+  /** Each decode pass (embedding + decoder run; one token, or a speculative draft being checked) in order. */
   decode_ms: number[];
 }
 
@@ -50,6 +50,11 @@ function i64(values: ArrayLike<number>, dims: number[]): ort.Tensor {
   const data = new BigInt64Array(values.length);
   for (let i = 0; i < values.length; i++) data[i] = BigInt(values[i]!);
   return new ort.Tensor("int64", data, dims);
+}
+
+/** `logits_to_keep` for a decoder that takes it ({@link LoadedModel.logitsToKeep}): the last `keep` positions' logits. */
+export function logitsToKeepFeed(model: LoadedModel, keep: number): Record<string, ort.Tensor> {
+  return model.logitsToKeep ? { logits_to_keep: new ort.Tensor("int64", BigInt64Array.of(BigInt(keep)), [1]) } : {};
 }
 
 /** The model's KV-cache spec (names per its decoder's contract), built once per model. */
@@ -176,8 +181,8 @@ export class Sequence {
     return out.image_features!;
   }
 
-  /** Runs the decoder on `embeds` [1, n, H] at `positions` [3][n]; returns the last row of logits. */
-  private async decode(embeds: ort.Tensor, positions: [ArrayLike<number>, ArrayLike<number>, ArrayLike<number>]): Promise<Float32Array> {
+  /** Runs the decoder on `embeds` [1, n, H] at `positions` [3][n]; returns the logits of the last `keep` positions, in order. */
+  private async decode(embeds: ort.Tensor, positions: [ArrayLike<number>, ArrayLike<number>, ArrayLike<number>], keep = 1): Promise<Float32Array[]> {
     const n = embeds.dims[1]!;
     const pos = new BigInt64Array(3 * n);
     for (let a = 0; a < 3; a++) for (let j = 0; j < n; j++) pos[a * n + j] = BigInt(positions[a]![j]!);
@@ -186,6 +191,7 @@ export class Sequence {
       inputs_embeds: embeds,
       position_ids: new ort.Tensor("int64", pos, [3, 1, n]),
       ...cache.inputs(n, [0]),
+      ...logitsToKeepFeed(this.model, keep),
     };
     const out = await this.model.sessions.decoder.run(feeds, { logits: null, ...cache.outputs(n) });
     cache.commit(n);
@@ -193,7 +199,9 @@ export class Sequence {
     const logits = out.logits!;
     const vocab = logits.dims[2]!;
     const rows = logits.dims[1]!;
-    return toF32(logits).subarray((rows - 1) * vocab, rows * vocab);
+    if (rows < keep) throw new GenerationError("internal_error", `the decoder returned ${rows} logits rows, ${keep} were needed`);
+    const all = toF32(logits);
+    return Array.from({ length: keep }, (_, j) => all.subarray((rows - keep + j) * vocab, (rows - keep + j + 1) * vocab));
   }
 
   /**
@@ -254,11 +262,11 @@ export class Sequence {
     const embeds = whole
       ? p.embeds
       : new ort.Tensor(p.embeds.type, (p.embeds.data as FloatData).slice(from * hidden, to * hidden), [1, to - from, hidden]);
-    const logits = await this.decode(embeds, [p.positions[0].subarray(from, to), p.positions[1].subarray(from, to), p.positions[2].subarray(from, to)]);
+    const [logits] = await this.decode(embeds, [p.positions[0].subarray(from, to), p.positions[1].subarray(from, to), p.positions[2].subarray(from, to)]);
     this.timings.prefill_ms += performance.now() - t0;
     if (to < this.seqLen) return null;
     this.pendingPrompt = null;
-    return logits;
+    return logits!;
   }
 
   /** Vision + embeddings + positions + the prompt's forward pass: logits of the first generated token. */
@@ -266,23 +274,62 @@ export class Sequence {
     return (await this.prefillNext())!;
   }
 
-  /** Position of the next token fed back: `seq_len + k + rope_deltas` for the k-th generated token. */
-  nextPosition(): number {
+  /**
+   * Position of the next token fed back: `seq_len + k + rope_deltas` for the k-th generated token (the
+   * following `n − 1` tokens, if fed in the same pass, take the next positions).
+   */
+  nextPosition(n = 1): number {
     this.check();
-    if (this.fed + 1 > this.model.config.text.max_position_embeddings) {
+    if (this.fed + n > this.model.config.text.max_position_embeddings) {
       throw new GenerationError("context_length_exceeded", "the context is full");
     }
     const k = this.fed - this.seqLen;
     return this.seqLen + k + this.ropeDeltas;
   }
 
+  /** Positions left in the context (what {@link verify} may feed at most). */
+  get contextLeft(): number {
+    return this.model.config.text.max_position_embeddings - this.fed;
+  }
+
   /** Feeds `tokenId` (the k-th generated token, k = 0, 1, …) and returns the next logits. */
   async step(tokenId: number): Promise<Float32Array> {
-    const pos = this.nextPosition();
+    return (await this.verify([tokenId]))[0]!;
+  }
+
+  /**
+   * Whether {@link verify} can check a draft in one pass: the decoder returns several positions' logits
+   * (`logits_to_keep`) and its cache can forget positions (the append contract).
+   */
+  get canVerify(): boolean {
+    return this.model.logitsToKeep && this.model.kvCache === "append";
+  }
+
+  /**
+   * Feeds `ids` — the last chosen token, then a speculative draft of the tokens that may follow it — in one
+   * decoder pass, and returns the logits after each of them (row j: the distribution after `ids[0..j]`). With
+   * float32 and W8A8 graphs they equal feeding the ids one {@link step} at a time up to float summation order
+   * (max |Δlogit| 1.5e-6 float32, 2.4e-7 W8A8 on the 2B shape). int4's `MatMulNBits` computes several positions of one sequence with another
+   * kernel than one (a batch's rows, by contrast, match single steps exactly): its logits differ by ~1 %
+   * relative RMS on the 2B shape, a twentieth of int4's own error against float32, enough to swing near-ties.
+   * The caller then {@link rewind}s the draft tokens it did not accept.
+   */
+  async verify(ids: readonly number[]): Promise<Float32Array[]> {
+    if (ids.length > 1 && !this.canVerify) throw new GenerationError("internal_error", "this decoder cannot check a draft in one pass");
+    const pos = this.nextPosition(ids.length);
+    const P = ids.map((_, j) => pos + j);
     const t0 = performance.now();
-    const logits = await this.decode(await this.embed([tokenId]), [[pos], [pos], [pos]]);
+    const rows = await this.decode(await this.embed(ids), [P, P, P], ids.length);
     this.timings.decode_ms.push(performance.now() - t0);
-    return logits;
+    return rows;
+  }
+
+  /** Forgets the last `n` tokens fed (a draft's rejected tail): the next token takes the first one's position. */
+  rewind(n: number): void {
+    if (n === 0) return;
+    if (!(n > 0 && n <= this.fed - this.seqLen) || !this.canVerify) throw new GenerationError("internal_error", `cannot rewind ${n} tokens`);
+    this.ownCache().drop(n);
+    this.fed -= n;
   }
 
   /** Drops the KV cache (the request's memory) at once. */
@@ -368,6 +415,7 @@ export async function decodeBatch(model: LoadedModel, seqs: Sequence[], tokenIds
     inputs_embeds: embeds,
     position_ids: new ort.Tensor("int64", pos, [3, B, 1]),
     ...cache.inputs(1, lens.map((len) => L - len)),
+    ...logitsToKeepFeed(model, 1),
   };
   const out = await model.sessions.decoder.run(feeds, { logits: null, ...cache.outputs(1) });
   cache.commit(1);

@@ -19,5 +19,10 @@ export async function createEngine(config: BackendConfig): Promise<BatchingEngin
   });
   // Warm-up: the first runs allocate and pick kernels; do it before reporting ready.
   await runGeneration(model, { inputIds: Int32Array.from([model.meta.vision_start_token_id - 8]) }, { ...DEFAULT_PARAMS, max_new_tokens: 2 });
-  return new BatchingEngine(model, { maxBatch: config.maxBatch, maxImageTokens: config.maxImageTokens, prefillChunk: config.prefillChunk });
+  return new BatchingEngine(model, {
+    maxBatch: config.maxBatch,
+    maxImageTokens: config.maxImageTokens,
+    prefillChunk: config.prefillChunk,
+    draftTokens: config.draftTokens,
+  });
 }

@@ -151,6 +151,16 @@ export class KvCache {
     this.L += n;
   }
 
+  /**
+   * "append": forgets the last `n` positions (a speculative draft's rejected tokens): their slots are masked
+   * from now on and overwritten by the next commit. A "present" cache is dense (its layout depends on L), so
+   * it cannot.
+   */
+  drop(n: number): void {
+    if (!this.append || !(n >= 0 && n <= this.L)) throw new Error(`cannot drop ${n} of ${this.L} positions from a ${this.spec.contract} cache`);
+    this.L -= n;
+  }
+
   /** "append": moves the filled slots into buffers of `cap` slots. */
   private grow(cap: number): void {
     const { kvHeads, headDim: hd, type } = this.spec;

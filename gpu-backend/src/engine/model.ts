@@ -64,6 +64,11 @@ export interface LoadedModel {
   ioFloatType: "float32" | "float16";
   /** The loaded decoder's KV-cache contract (see {@link EngineOptions.kvCache}). */
   kvCache: KvContract;
+  /**
+   * The decoder takes `logits_to_keep` (append graphs since converter revision 6): one pass can return the
+   * logits of several last positions, which checking a speculative draft needs.
+   */
+  logitsToKeep: boolean;
   /** `embed` is absent when the embeddings are read from the graph file (see {@link EngineOptions.embeddings}). */
   sessions: { vision: ort.InferenceSession; embed?: ort.InferenceSession; decoder: ort.InferenceSession };
   /** `input_ids` → `inputs_embeds`. */
@@ -166,6 +171,7 @@ export async function loadModel(dir: string, opts: EngineOptions = {}): Promise<
     dtype: typeof manifest.dtype === "string" ? manifest.dtype : "fp32",
     ioFloatType,
     kvCache,
+    logitsToKeep: decoder.inputNames.includes("logits_to_keep"),
     sessions: { vision, ...(embed ? { embed } : {}), decoder },
     embeddings,
   };

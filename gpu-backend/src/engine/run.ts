@@ -8,6 +8,7 @@ import type { GenerationParams } from "../../../shared/src/wire.ts";
 import { DetokenizerVocab, IncrementalDetokenizer } from "./detokenizer.ts";
 import { Sequence, topK, type PromptInput } from "./generate.ts";
 import type { LoadedModel } from "./model.ts";
+import { promptLookupDraft } from "./draft.ts";
 import { createSampler, type Sampler } from "./sampling.ts";
 import { StoppingCriteria } from "./stopping.ts";
 
@@ -36,6 +37,11 @@ export interface GenerationOptions {
   /** Record the top-k `[id, logit]` of every step (for `--forced-ids` and parity checks). */
   topK?: number;
   signal?: AbortSignal;
+  /**
+   * Speculative decoding: the most draft tokens (prompt lookup, draft.ts) checked per decoder pass; 0 or absent:
+   * one token per pass. The tokens are the same either way, int4's near-ties aside (see {@link Generation.advance}).
+   */
+  draftTokens?: number;
 }
 
 export class Generation {
@@ -44,6 +50,9 @@ export class Generation {
   readonly steps: { top5: [number, number][] }[] = [];
   text = "";
   finishReason: FinishReason | null = null;
+  /** Speculative decoding so far: draft tokens checked, and those accepted. */
+  readonly drafts = { proposed: 0, accepted: 0 };
+  private readonly maxNew: number;
   private readonly sampler: Sampler;
   private readonly stop: StoppingCriteria;
 
@@ -66,6 +75,7 @@ export class Generation {
     );
     if (params.repetition_penalty !== 1) this.sampler.observe(prompt.inputIds);
     const maxNew = opts.forcedIds ? Math.min(params.max_new_tokens, opts.forcedIds.length) : params.max_new_tokens;
+    this.maxNew = maxNew;
     this.stop = new StoppingCriteria(
       {
         // A forced continuation is scored to its end, eos included.
@@ -94,6 +104,44 @@ export class Generation {
     return this.stop.finish();
   }
 
+  /**
+   * A draft of up to `maxTokens` tokens to follow {@link lastId}, for {@link advance}: a forced continuation's
+   * next tokens, else a prompt lookup over the prompt and the tokens so far. Empty when `maxTokens` is 0, the
+   * decoder cannot check drafts, or nothing matches; never longer than the tokens the request may still
+   * generate or the context still holds, less the one the pass yields anyway.
+   */
+  draft(maxTokens: number): number[] {
+    const room = Math.min(maxTokens, this.maxNew - this.generatedIds.length - 1, this.seq.contextLeft - 1);
+    if (!(room > 0) || !this.seq.canVerify) return [];
+    const forced = this.opts.forcedIds;
+    if (forced) return forced.slice(this.generatedIds.length, this.generatedIds.length + room);
+    const context = [...Array.from(this.prompt.inputIds), ...this.generatedIds];
+    return promptLookupDraft(context, { maxTokens: room });
+  }
+
+  /**
+   * One decoder pass, which may yield several tokens (speculative decoding): feeds {@link lastId} and `draft`,
+   * then chooses tokens from the pass's logits in order, exactly as {@link accept} does one step at a time,
+   * while each choice equals the draft token fed after it; the first that differs, or the one after the whole
+   * draft, ends the pass. So the tokens are those step-by-step decoding chooses, sampling included: the sampler
+   * sees the same logits in the same order (up to float summation order; int4 differs more, see
+   * {@link Sequence.verify}). The rejected draft tokens leave the cache. With an empty draft it is one ordinary
+   * step.
+   */
+  async advance(draft: readonly number[] = []): Promise<TokenOut[]> {
+    const rows = await this.seq.verify([this.lastId, ...draft]);
+    const out: TokenOut[] = [];
+    for (const row of rows) {
+      const t = this.accept(row);
+      out.push(t);
+      if (this.done || out.length > draft.length || t.id !== draft[out.length - 1]) break;
+    }
+    if (!this.done) this.seq.rewind(rows.length - out.length);
+    this.drafts.proposed += draft.length;
+    this.drafts.accepted += out.length - 1;
+    return out;
+  }
+
   /** Chooses the next token from `logits` and updates text and stop state. */
   accept(logits: Float32Array): TokenOut {
     if (this.opts.topK) this.steps.push({ top5: topK(logits, this.opts.topK) });
@@ -118,7 +166,10 @@ export interface RunResult {
   text: string;
   finishReason: FinishReason;
   steps: { top5: [number, number][] }[];
-  timings: { vision_ms: number; prefill_ms: number; decode_ms_per_token: number[]; total_ms: number };
+  /** `decode_ms_per_pass`: each decoder pass after the prefill (one token each without speculative decoding). */
+  timings: { vision_ms: number; prefill_ms: number; decode_ms_per_pass: number[]; total_ms: number };
+  /** Speculative decoding: draft tokens checked and accepted ({@link GenerationOptions.draftTokens}). */
+  drafts: { proposed: number; accepted: number };
 }
 
 /** Generates one sequence start to finish (no batching): the CLI's and the tests' path. */
@@ -131,12 +182,9 @@ export async function runGeneration(
   const t0 = performance.now();
   const gen = new Generation(model, prompt, params, opts);
   try {
-    let out = gen.accept(await gen.seq.prefill());
-    opts.onToken?.(out);
-    while (!gen.done) {
-      out = gen.accept(await gen.seq.step(gen.lastId));
-      opts.onToken?.(out);
-    }
+    const first = gen.accept(await gen.seq.prefill());
+    opts.onToken?.(first);
+    while (!gen.done) for (const out of await gen.advance(gen.draft(opts.draftTokens ?? 0))) opts.onToken?.(out);
     // Scoring a forced continuation: also the distribution after its last token (golden `forced_decode`
     // has forced_ids.length + 1 steps).
     if (opts.forcedIds && opts.topK) gen.steps.push({ top5: topK(await gen.seq.step(gen.lastId), opts.topK) });
@@ -149,6 +197,7 @@ export async function runGeneration(
     text: gen.text,
     finishReason: gen.finishReason!,
     steps: gen.steps,
-    timings: { vision_ms: t.vision_ms, prefill_ms: t.prefill_ms, decode_ms_per_token: t.decode_ms, total_ms: performance.now() - t0 },
+    timings: { vision_ms: t.vision_ms, prefill_ms: t.prefill_ms, decode_ms_per_pass: t.decode_ms, total_ms: performance.now() - t0 },
+    drafts: { ...gen.drafts },
   };
 }

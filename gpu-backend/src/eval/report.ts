@@ -69,6 +69,9 @@ export function formatTable(summary: Summary, info: { engine: EngineInfo; params
       (summary.letter_out_of_range ? `; letters outside the options: ${summary.letter_out_of_range}` : ""),
     `tokens per answer    mean ${fix(ct.mean)}, median ${fix(ct.median)}, max ${ct.max ?? "—"}; ${summary.truncated} cut at max_new_tokens`,
     `throughput           ${fix(summary.tokens_per_s)} tokens/s, ${fix(summary.items_per_s, 2)} items/s; latency median ${fix(summary.latency_ms.median, 0)} ms`,
+    ...(summary.draft_tokens
+      ? [`draft tokens kept    ${pct(summary.draft_tokens.acceptance)} (${summary.draft_tokens.accepted} of ${summary.draft_tokens.accepted + summary.draft_tokens.rejected}; speculative decoding)`]
+      : []),
     `wall time            ${formatDuration(summary.wall_ms)}`,
   ];
   const notes: string[] = [];

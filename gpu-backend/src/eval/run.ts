@@ -67,6 +67,12 @@ export interface EvalOptions {
   subset?: string;
   /** Default {@link REFERENCE_MAX_NEW_TOKENS}. */
   maxNewTokens?: number;
+  /**
+   * local: speculative decoding's draft size (the engine's `draftTokens`; it drafts while a sequence decodes alone,
+   * so `batch` 1 drafts throughout). The replies are the same; the summary reports the draft tokens kept. An api
+   * run reports them when the server drafts (its `DRAFT_TOKENS`).
+   */
+  draftTokens?: number;
   /** Leave out items whose image file is missing (counted as skipped) instead of refusing to start. */
   skipMissing?: boolean;
   /** Called once per dataset warning of a selected item, before the run. */
@@ -196,10 +202,10 @@ export async function buildLocalRequest(
 export async function runLocalItems(
   model: LoadedModel,
   items: readonly EvalItem[],
-  opts: { imagesDir: string; batch: number; params: GenerationParams; onItem: (o: ItemOutput) => void },
+  opts: { imagesDir: string; batch: number; params: GenerationParams; draftTokens?: number; onItem: (o: ItemOutput) => void },
 ): Promise<void> {
   const tokenizer = createTokenizer(model);
-  const engine = new BatchingEngine(model, { maxBatch: opts.batch });
+  const engine = new BatchingEngine(model, { maxBatch: opts.batch, draftTokens: opts.draftTokens ?? 0 });
   try {
     await pool(items, opts.batch, async (item) => {
       const prompt = promptFor(item);
@@ -228,6 +234,7 @@ export async function runLocalItems(
           output: end.text,
           error: null,
           completion_tokens: end.usage.completion_tokens,
+          ...draftsOf(end.usage),
           finish_reason: end.finish_reason,
           ms,
         });
@@ -236,6 +243,14 @@ export async function runLocalItems(
   } finally {
     await engine.close();
   }
+}
+
+/** A reply's `usage.completion_tokens_details` as {@link ItemOutput.drafts} (nothing when it did not draft). */
+function draftsOf(usage: unknown): Pick<ItemOutput, "drafts"> {
+  const d = (usage as { completion_tokens_details?: Record<string, unknown> } | undefined)?.completion_tokens_details;
+  const accepted = Number(d?.accepted_prediction_tokens);
+  const rejected = Number(d?.rejected_prediction_tokens);
+  return Number.isFinite(accepted) && Number.isFinite(rejected) ? { drafts: { accepted, rejected } } : {};
 }
 
 // -------------------------------------------------------------------------------------------------- api
@@ -260,7 +275,7 @@ interface VqaAnswer {
   raw?: unknown;
   model?: unknown;
   finish_reason?: unknown;
-  usage?: { completion_tokens?: unknown };
+  usage?: { completion_tokens?: unknown; completion_tokens_details?: unknown };
 }
 
 /** POSTs one item to `/v1/vqa`; returns its output (errors of the item included) or throws {@link EvalError} for run-stopping failures. */
@@ -308,6 +323,7 @@ async function apiItem(
         output: body.raw,
         error: null,
         completion_tokens: Number.isFinite(tokens) ? tokens : 0,
+        ...draftsOf(body.usage),
         finish_reason: body.finish_reason === "length" ? "length" : body.finish_reason === "stop" ? "stop" : null,
         ms: elapsed(t0),
       };
@@ -387,10 +403,11 @@ export async function runEvaluation(o: EvalOptions): Promise<EvalRun> {
           onnxruntime: ort.env.versions.node ?? null,
           provider: t.provider ?? "cpu",
           threads: t.threads ?? null,
+          draft_tokens: o.draftTokens ?? 0,
         },
       };
       t0 = performance.now();
-      await runLocalItems(model, items, { imagesDir: o.images, batch, params, onItem });
+      await runLocalItems(model, items, { imagesDir: o.images, batch, params, ...(o.draftTokens ? { draftTokens: o.draftTokens } : {}), onItem });
     } finally {
       await releaseModel(model);
     }
@@ -435,6 +452,7 @@ export async function runEvaluation(o: EvalOptions): Promise<EvalRun> {
         fallback_answer: g.fallback_answer,
         fallback: g.fallback,
         completion_tokens: g.completion_tokens,
+        ...(g.drafts ? { drafts: g.drafts } : {}),
         finish_reason: g.finish_reason,
         ms: g.ms,
         error: g.error,

@@ -30,9 +30,17 @@ export interface ItemOutput {
   /** Why the request failed (stable error code and message); null on success. */
   error: { code: string; message: string } | null;
   completion_tokens: number;
+  /** Speculative decoding's draft tokens kept and not (the reply's `usage.completion_tokens_details`), when it drafted. */
+  drafts?: DraftTokens;
   finish_reason: "stop" | "length" | null;
   /** Latency of the item: from its submission to its final answer, in ms. */
   ms: number;
+}
+
+/** Draft tokens of speculative decoding: kept (part of the completion) and rejected. */
+export interface DraftTokens {
+  accepted: number;
+  rejected: number;
 }
 
 /** One scored item. */
@@ -52,6 +60,7 @@ export interface GradedItem {
   /** How that letter was found. */
   fallback: AnswerFallbackKind | null;
   completion_tokens: number;
+  drafts?: DraftTokens;
   finish_reason: "stop" | "length" | null;
   ms: number;
   error: { code: string; message: string } | null;
@@ -64,6 +73,7 @@ export function gradeItem(o: ItemOutput): GradedItem {
     subset: o.subset,
     gold: o.gold,
     completion_tokens: o.completion_tokens,
+    ...(o.drafts ? { drafts: o.drafts } : {}),
     finish_reason: o.finish_reason,
     ms: o.ms,
     error: o.error,
@@ -130,6 +140,8 @@ export interface Summary {
   completion_tokens: Stats & { total: number };
   /** Replies cut by max_new_tokens (finish_reason "length"). */
   truncated: number;
+  /** Speculative decoding's draft tokens over all replies; null when nothing was drafted. */
+  draft_tokens: (DraftTokens & { acceptance: number }) | null;
   /** Per-item latency in ms (submission to answer). */
   latency_ms: Stats;
   wall_ms: number;
@@ -168,6 +180,7 @@ export function summarize(graded: readonly GradedItem[], run: { wallMs: number; 
   let truncated = 0;
   const tokens: number[] = [];
   const latency: number[] = [];
+  const drafts: DraftTokens = { accepted: 0, rejected: 0 };
   for (const g of graded) {
     let row = rows.get(g.subset);
     if (!row) rows.set(g.subset, (row = { subset: g.subset, items: 0, correct: 0, accuracy: null, format_ok: 0 }));
@@ -187,6 +200,10 @@ export function summarize(graded: readonly GradedItem[], run: { wallMs: number; 
       continue;
     }
     tokens.push(g.completion_tokens);
+    if (g.drafts) {
+      drafts.accepted += g.drafts.accepted;
+      drafts.rejected += g.drafts.rejected;
+    }
     if (g.finish_reason === "length") truncated++;
     if (g.predicted === null) {
       noRef++;
@@ -217,6 +234,7 @@ export function summarize(graded: readonly GradedItem[], run: { wallMs: number; 
     skipped: run.skipped ?? 0,
     completion_tokens: { ...stats(tokens), total: totalTokens },
     truncated,
+    draft_tokens: drafts.accepted + drafts.rejected > 0 ? { ...drafts, acceptance: drafts.accepted / (drafts.accepted + drafts.rejected) } : null,
     latency_ms: stats(latency),
     wall_ms: run.wallMs,
     tokens_per_s: secs > 0 ? totalTokens / secs : null,

@@ -25,6 +25,8 @@ export interface BackendConfig {
   maxBatch: number;
   /** Most prompt tokens per prefill run while other sequences decode (the engine's `prefillChunk`); 0 = whole prompt. */
   prefillChunk: number;
+  /** Speculative decoding of a sequence decoding alone: most draft tokens per pass (the engine's `draftTokens`); 0 = off. */
+  draftTokens: number;
   maxNewTokensCap: number;
   /** Prompt + image + new tokens of one request (also bounded by the model's context). */
   maxTotalTokens: number;
@@ -52,6 +54,7 @@ export const CONFIG_DEFAULTS = {
   queueSize: 16,
   maxBatch: 8,
   prefillChunk: 128,
+  draftTokens: 0,
   maxNewTokensCap: 2048,
   maxTotalTokens: 32_768,
   maxImageTokens: 16_384,
@@ -116,6 +119,7 @@ export function loadBackendConfig(env: Env): BackendConfig {
     queueSize: int("QUEUE_SIZE", CONFIG_DEFAULTS.queueSize, 1, 100_000)!,
     maxBatch: int("MAX_BATCH", CONFIG_DEFAULTS.maxBatch, 1, 1024)!,
     prefillChunk: int("PREFILL_CHUNK", CONFIG_DEFAULTS.prefillChunk, 0, 1_000_000)!,
+    draftTokens: int("DRAFT_TOKENS", CONFIG_DEFAULTS.draftTokens, 0, 64)!,
     maxNewTokensCap: int("MAX_NEW_TOKENS_CAP", CONFIG_DEFAULTS.maxNewTokensCap, 1, 1_000_000)!,
     maxTotalTokens: int("MAX_TOTAL_TOKENS", CONFIG_DEFAULTS.maxTotalTokens, 1, 10_000_000)!,
     maxImageTokens: int("MAX_IMAGE_TOKENS", CONFIG_DEFAULTS.maxImageTokens, 1, 10_000_000)!,
