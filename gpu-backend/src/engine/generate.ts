@@ -307,12 +307,13 @@ export class Sequence {
 
   /**
    * Feeds `ids` — the last chosen token, then a speculative draft of the tokens that may follow it — in one
-   * decoder pass, and returns the logits after each of them (row j: the distribution after `ids[0..j]`). With
-   * float32 and W8A8 graphs they equal feeding the ids one {@link step} at a time up to float summation order
-   * (max |Δlogit| 1.5e-6 float32, 2.4e-7 W8A8 on the 2B shape). int4's `MatMulNBits` computes several positions of one sequence with another
-   * kernel than one (a batch's rows, by contrast, match single steps exactly): its logits differ by ~1 %
-   * relative RMS on the 2B shape, a twentieth of int4's own error against float32, enough to swing near-ties.
-   * The caller then {@link rewind}s the draft tokens it did not accept.
+   * decoder pass, and returns the logits after each of them (row j: the distribution after `ids[0..j]`). They
+   * equal feeding the ids one {@link step} at a time up to float summation order (attention over several
+   * positions runs other GEMM shapes): max |Δlogit| 1.5e-6 float32, 2.4e-7 W8A8 on the 2B shape. int4 rounds
+   * its `MatMulNBits` inputs to int8 per block of 32 (accuracy level 4), which turns such last-bit differences
+   * into whole rounding steps from the middle layers on: ~1 % relative RMS of the logits on the 2B shape, a
+   * twentieth of int4's own error against float32, enough to swing near-ties. The caller then {@link rewind}s
+   * the draft tokens it did not accept.
    */
   async verify(ids: readonly number[]): Promise<Float32Array[]> {
     if (ids.length > 1 && !this.canVerify) throw new GenerationError("internal_error", "this decoder cannot check a draft in one pass");
