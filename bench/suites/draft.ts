@@ -1,9 +1,9 @@
 /**
  * `draft`: speculative decoding (the engine's `DRAFT_TOKENS`) per variant, one sequence: what a decoder pass
  * over 1 + k tokens costs against a one-token step, decode tokens/s with prompt-lookup drafts of k tokens
- * against none on a best-case text and a mixed one (same run, interleaved), and — since random test weights
- * cannot say how often MedVLM-R1's own text is drafted right — the speedup each draft size gives at a range of
- * acceptance rates, from the measured pass costs. Default variants: int4 and int8-w8a8.
+ * (at most; the engine adapts the size) against none on a best-case text and a mixed one (same run,
+ * interleaved), and — since random test weights cannot say how often MedVLM-R1's own text is drafted right — the
+ * speedup drafts of exactly k tokens give at a range of acceptance rates, from the measured pass costs. Default variants: int4 and int8-w8a8.
  */
 import type { DraftArgs, DraftResult } from "../children/draft.ts";
 import { type BenchOptions, childErrorText, fmt, fmtBytes, log, runChild, table, writeResult } from "../lib/common.ts";
@@ -56,7 +56,7 @@ export async function draftSuite(opts: BenchOptions): Promise<{ file: string; bo
         `\nSpeculative decoding, ${dtype} (${models.size}, ${opts.threads} threads, eval prompt; peak RSS ${fmtBytes(result.peak_rss_bytes)})\n` +
         `decoder pass by tokens fed (median of ${2 * opts.runs}, interleaved)\n${table(passRows)}\n` +
         `end to end (runGeneration, ${opts.tokens} tokens, median of ${opts.runs} interleaved runs)\n${table(runRows)}\n` +
-        `derived: decode speed with drafts against none when each draft token is right with probability p (1 + p + … + p^k tokens per pass over the measured pass cost)\n${table(derivedRows)}\n`;
+        `derived: decode speed with drafts of exactly k tokens against none when each draft token is right with probability p (1 + p + … + p^k tokens per pass over the measured pass cost; the engine adapts the size, see Generation.draft)\n${table(derivedRows)}\n`;
     } catch (e) {
       failures[dtype] = childErrorText(e);
     }

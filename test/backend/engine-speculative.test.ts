@@ -94,6 +94,28 @@ describe("speculative decoding", () => {
     gen.seq.release();
   });
 
+  it("the draft size: one more than the tokens kept after a rejection, +2 after a draft kept whole, up to the maximum", async () => {
+    const c = cases[0]!; // the golden text repeats one token: the lookup drafts it right
+    const gen = new Generation(model, await promptOf(model, c), { ...DEFAULT_PARAMS, max_new_tokens: 200 });
+    gen.accept(await gen.seq.prefill());
+    await gen.advance();
+    await gen.advance();
+    const x = c.generated_ids[3]!;
+    expect(gen.draft(6)).toEqual(new Array(6).fill(x));
+    const wrong = (x + 1) % model.config.text.vocab_size;
+    // Right for the first 3 tokens, then wrong: 3 kept, the next draft has 4.
+    await gen.advance([x, x, x, wrong, wrong, wrong]);
+    expect(gen.draft(6)).toHaveLength(4);
+    await gen.advance(new Array(4).fill(wrong));
+    expect(gen.draft(6)).toHaveLength(1);
+    for (const size of [3, 5, 6, 6]) {
+      await gen.advance(gen.draft(6));
+      expect(gen.draft(6)).toHaveLength(size);
+    }
+    expect(gen.generatedIds.every((id, i) => i === 0 || id === x)).toBe(true);
+    gen.seq.release();
+  });
+
   it("seeded sampling gives the same tokens with and without drafts (drafts rejected and accepted on the way)", async () => {
     let rejected = 0;
     let accepted = 0;

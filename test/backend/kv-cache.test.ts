@@ -104,3 +104,34 @@ describe.each(["append", "present"] as const)("KvCache (%s)", (contract) => {
     expect(cached(own, 0, 0, 1, 3, 1)).toBe(val(0, 0, 1, 3, 1));
   });
 });
+
+describe("KvCache.drop (a speculative draft's rejected tokens)", () => {
+  it("append: the dropped positions are masked, and the next tokens are written over them", () => {
+    const c = new KvCache(spec("append"), 1);
+    fakeStep(c, 4, [0]);
+    fakeStep(c, 3, [0]); // the last token and a draft of two
+    c.drop(2);
+    expect(c.L).toBe(5);
+    // Mark the first dropped slot (through the decoder's view of the buffer) to see it overwritten.
+    for (const name of c.spec.pastNames) {
+      const past = c.inputs(1, [0])[name]!;
+      const P = past.dims[2]!;
+      for (let h = 0; h < KV; h++) (past.data as Float32Array).fill(-1, (h * P + 5) * HD, (h * P + 6) * HD);
+    }
+    expect(cached(c, 0, 0, 1, 5, 2)).toBe(-1);
+    const next = fakeStep(c, 1, [0]);
+    const slots = next["past_key_values.0.key"]!.dims[2]!;
+    expect(mask(next.attention_mask!)).toEqual(["1".repeat(5) + "0".repeat(slots - 5) + "1"]);
+    // The token fed after the drop took position 5, where the first rejected draft token was.
+    for (let j = 0; j < 2; j++) expect(cached(c, j, 0, 1, 5, 2)).toBe(val(j, 0, 1, 5, 2));
+    expect(c.L).toBe(6);
+    expect(() => c.drop(7)).toThrow(/cannot drop 7 of 6/);
+  });
+
+  it("present: refused (its buffers are dense, laid out by length)", () => {
+    const c = new KvCache(spec("present"), 1);
+    fakeStep(c, 3, [0]);
+    expect(() => c.drop(1)).toThrow(/present cache/);
+    expect(c.L).toBe(3);
+  });
+});

@@ -52,6 +52,13 @@ export class Generation {
   finishReason: FinishReason | null = null;
   /** Speculative decoding so far: draft tokens checked, and those accepted. */
   readonly drafts = { proposed: 0, accepted: 0 };
+  /**
+   * The next draft's size (null before the first): it starts at the caller's maximum, grows by 2 after a pass
+   * that kept its whole draft, and after one that did not becomes one more than the draft tokens it kept: the
+   * rejection says how far the lookup was right. A text the lookup guesses badly then costs passes of two
+   * tokens, not of k + 1 (transformers' schedule, −1 per rejection, took too many wide passes to get there).
+   */
+  private draftSize: number | null = null;
   private readonly maxNew: number;
   private readonly sampler: Sampler;
   private readonly stop: StoppingCriteria;
@@ -105,14 +112,17 @@ export class Generation {
   }
 
   /**
-   * A draft of up to `maxTokens` tokens to follow {@link lastId}, for {@link advance}: a forced continuation's
-   * next tokens, else a prompt lookup over the prompt and the tokens so far. Empty when `maxTokens` is 0, the
-   * decoder cannot check drafts, or nothing matches; never longer than the tokens the request may still
-   * generate or the context still holds, less the one the pass yields anyway.
+   * A draft of up to `maxTokens` tokens (fewer after rejected drafts, see {@link draftSize}) to follow
+   * {@link lastId}, for {@link advance}: a forced continuation's next tokens, else a prompt lookup over the
+   * prompt and the tokens so far. Empty when `maxTokens` is 0, the decoder cannot check drafts, or nothing
+   * matches; never longer than the tokens the request may still generate or the context still holds, less the
+   * one the pass yields anyway.
    */
   draft(maxTokens: number): number[] {
-    const room = Math.min(maxTokens, this.maxNew - this.generatedIds.length - 1, this.seq.contextLeft - 1);
-    if (!(room > 0) || !this.seq.canVerify) return [];
+    if (!(maxTokens > 0) || !this.seq.canVerify) return [];
+    this.draftSize = Math.min(this.draftSize ?? maxTokens, maxTokens);
+    const room = Math.min(this.draftSize, this.maxNew - this.generatedIds.length - 1, this.seq.contextLeft - 1);
+    if (!(room > 0)) return [];
     const forced = this.opts.forcedIds;
     if (forced) return forced.slice(this.generatedIds.length, this.generatedIds.length + room);
     const context = [...Array.from(this.prompt.inputIds), ...this.generatedIds];
@@ -137,8 +147,10 @@ export class Generation {
       if (this.done || out.length > draft.length || t.id !== draft[out.length - 1]) break;
     }
     if (!this.done) this.seq.rewind(rows.length - out.length);
+    const accepted = out.length - 1;
     this.drafts.proposed += draft.length;
-    this.drafts.accepted += out.length - 1;
+    this.drafts.accepted += accepted;
+    if (draft.length > 0 && this.draftSize !== null) this.draftSize = accepted === draft.length ? this.draftSize + 2 : accepted + 1;
     return out;
   }
 
