@@ -50,7 +50,7 @@ describe("health and readiness", () => {
 
 describe("/metrics", () => {
   it("exposes queue depth, active sequences, tokens, latencies, requests and errors by code", async () => {
-    engine.script = (r) => (r.id.startsWith("q-") ? { kind: "queue" } : { kind: "tokens", texts: ["a", "b", "c"], delayMs: 2 });
+    engine.script = (r) => (r.id.startsWith("q-") ? { kind: "queue" } : { kind: "tokens", texts: ["a", "b", "c"], delayMs: 2, drafts: [2, 5] });
     await events(await postWire(srv.base, wireRequest()));
     await postWire(srv.base, wireRequest(), { unsigned: true });
     const ac = new AbortController();
@@ -67,6 +67,8 @@ describe("/metrics", () => {
     expect(value(/^medvlm_backend_capacity (\S+)$/m)).toBe(4);
     expect(value(/^medvlm_backend_ready (\S+)$/m)).toBe(1);
     expect(value(/^medvlm_backend_generated_tokens_total (\S+)$/m)).toBe(3);
+    expect(value(/^medvlm_backend_draft_tokens_total\{outcome="accepted"\} (\S+)$/m)).toBe(2);
+    expect(value(/^medvlm_backend_draft_tokens_total\{outcome="rejected"\} (\S+)$/m)).toBe(5);
     expect(value(/^medvlm_backend_tokens_per_second (\S+)$/m)).toBeGreaterThan(0);
     expect(value(/^medvlm_backend_time_to_first_token_seconds_count (\S+)$/m)).toBe(1);
     expect(value(/^medvlm_backend_token_latency_seconds_count (\S+)$/m)).toBe(2);

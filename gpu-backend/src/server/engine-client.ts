@@ -121,6 +121,7 @@ export class Generation {
         this.push(ev);
         return;
       case "done": {
+        m.drafts(ev.usage?.completion_tokens_details);
         const timings = { ...ev.timings, backend_ms: ev.timings?.backend_ms ?? now - this.admittedAt };
         this.finish({ ...ev, timings });
         return;
@@ -185,6 +186,8 @@ export class Generation {
       images: this.imageCount,
       prompt_tokens: this.promptTokens,
       completion_tokens: ev.type === "done" ? ev.usage?.completion_tokens ?? this.tokens : this.tokens,
+      draft_accepted: ev.type === "done" ? ev.usage?.completion_tokens_details?.accepted_prediction_tokens : undefined,
+      draft_rejected: ev.type === "done" ? ev.usage?.completion_tokens_details?.rejected_prediction_tokens : undefined,
       finish_reason: ev.type === "done" ? ev.finish_reason : undefined,
       ttft_ms: this.firstTokenAt === null ? undefined : this.firstTokenAt - this.admittedAt,
       total_ms: now - this.admittedAt,

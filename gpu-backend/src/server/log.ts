@@ -17,6 +17,8 @@ const ALLOWED = new Set([
   "prompt_tokens",
   "image_tokens",
   "completion_tokens",
+  "draft_accepted",
+  "draft_rejected",
   "max_new_tokens",
   "finish_reason",
   "stream",

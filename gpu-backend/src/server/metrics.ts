@@ -137,6 +137,7 @@ export class BackendMetrics {
   readonly errors: Counter;
   readonly cancellations: Counter;
   readonly generatedTokens: Counter;
+  readonly draftTokens: Counter;
   readonly ttft: Histogram;
   readonly tokenLatency: Histogram;
   readonly requestDuration: Histogram;
@@ -153,6 +154,9 @@ export class BackendMetrics {
     this.errors = r.register(new Counter("medvlm_backend_errors_total", "Generate requests that ended in an error, by code."));
     this.cancellations = r.register(new Counter("medvlm_backend_cancellations_total", "Requests cancelled by the server, by reason."));
     this.generatedTokens = r.register(new Counter("medvlm_backend_generated_tokens_total", "Tokens generated."));
+    this.draftTokens = r.register(
+      new Counter("medvlm_backend_draft_tokens_total", "Speculative decoding's draft tokens checked, by outcome (accepted, rejected)."),
+    );
     r.register(new Gauge("medvlm_backend_tokens_per_second", "Tokens generated per second over the last 10 s.", () => this.tokenRate.rate()));
     this.ttft = r.register(new Histogram("medvlm_backend_time_to_first_token_seconds", "Admission to first generated token.", LATENCY_BUCKETS));
     this.tokenLatency = r.register(new Histogram("medvlm_backend_token_latency_seconds", "Time between consecutive generated tokens.", TOKEN_BUCKETS));
@@ -163,6 +167,13 @@ export class BackendMetrics {
   token(): void {
     this.generatedTokens.inc();
     this.tokenRate.add();
+  }
+
+  /** Records a finished request's speculative-decoding counts (its `usage.completion_tokens_details`). */
+  drafts(d: { accepted_prediction_tokens: number; rejected_prediction_tokens: number } | undefined): void {
+    if (!d) return;
+    this.draftTokens.inc({ outcome: "accepted" }, d.accepted_prediction_tokens);
+    this.draftTokens.inc({ outcome: "rejected" }, d.rejected_prediction_tokens);
   }
 
   /**
