@@ -116,17 +116,23 @@ describe("speculative decoding", () => {
     gen.seq.release();
   });
 
-  it("seeded sampling gives the same tokens with and without drafts (drafts rejected and accepted on the way)", async () => {
+  it("seeded sampling and a repetition penalty give the same tokens with and without drafts (drafts rejected and accepted on the way)", async () => {
     let rejected = 0;
     let accepted = 0;
     for (const c of cases) {
       const prompt = await promptOf(model, c);
       // Among the 2–3 likeliest tokens the test weights' text repeats in short runs: drafts are right and wrong.
-      for (const top_k of [2, 3]) {
-        const params = { ...DEFAULT_PARAMS, temperature: 1, top_k, top_p: 1, max_new_tokens: 24, seed: 11 };
+      // A repetition penalty (greedy) makes each choice depend on the tokens chosen before it in the same pass.
+      const settings: Partial<GenerationParams>[] = [
+        { temperature: 1, top_k: 2, top_p: 1, seed: 11 },
+        { temperature: 1, top_k: 3, top_p: 1, seed: 11 },
+        { repetition_penalty: 1.3 },
+      ];
+      for (const setting of settings) {
+        const params = { ...DEFAULT_PARAMS, max_new_tokens: 24, ...setting };
         const plain = await runGeneration(model, prompt, params);
         const spec = await runGeneration(model, prompt, params, { draftTokens: 4 });
-        expect(spec.generatedIds, `${c.case}, top_k ${top_k}`).toEqual(plain.generatedIds);
+        expect(spec.generatedIds, `${c.case}, ${JSON.stringify(setting)}`).toEqual(plain.generatedIds);
         rejected += spec.drafts.proposed - spec.drafts.accepted;
         accepted += spec.drafts.accepted;
       }
