@@ -235,6 +235,23 @@ export function writeResult(opts: BenchOptions, suite: string, body: Record<stri
   return file;
 }
 
+/**
+ * A suite's ending: one line per variant not measured appended to `text`, the text printed, and the result file
+ * written — the common fields (suite, created, machine, options, model size), then `body`, then `failures`.
+ */
+export function finishSuite(
+  opts: BenchOptions,
+  suite: string,
+  text: string,
+  run: { machine: MachineInfo; size: string; failures: Record<string, string> },
+  body: Record<string, unknown>,
+): { file: string; body: Record<string, unknown> } {
+  for (const [d, why] of Object.entries(run.failures)) text += `${d}: not measured — ${why}\n`;
+  process.stdout.write(text);
+  const full = { suite, created: new Date().toISOString(), machine: run.machine, options: opts, size: run.size, ...body, failures: run.failures };
+  return { file: writeResult(opts, suite, full), body: full };
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Child processes
 

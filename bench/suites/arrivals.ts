@@ -5,7 +5,7 @@
  * tokens, and output tok/s, each as a ratio to the first setting (whole-prompt admission by default).
  */
 import type { ArrivalsArgs, ArrivalsResult, ArrivalsRun } from "../children/arrivals.ts";
-import { type BenchOptions, childErrorText, fmt, fmtBytes, log, percentile, runChild, spread, table, writeResult } from "../lib/common.ts";
+import { type BenchOptions, childErrorText, fmt, fmtBytes, log, percentile, runChild, spread, table, finishSuite } from "../lib/common.ts";
 import { prepareVariants } from "../lib/models.ts";
 
 /** Per prefill-chunk setting: latency percentiles pooled over rounds, rates as medians over rounds. */
@@ -101,8 +101,5 @@ export async function arrivalsSuite(opts: BenchOptions): Promise<{ file: string;
   text +=
     "TTFT and e2e from each request's scheduled arrival; gap = between consecutive tokens of a request (p99/max: the stalls arrivals cause); " +
     "× first = ratio to the first prefill-chunk setting; tok/s = all generated tokens / (first arrival → last answer); in system = mean requests in flight\n";
-  for (const [d, why] of Object.entries(failures)) text += `${d}: not measured — ${why}\n`;
-  process.stdout.write(text);
-  const body = { suite: "arrivals", created: new Date().toISOString(), machine, options: opts, size: models.size, results, summaries, failures };
-  return { file: writeResult(opts, "arrivals", body), body };
+  return finishSuite(opts, "arrivals", text, { machine, size: models.size, failures }, { results, summaries });
 }

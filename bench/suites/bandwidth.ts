@@ -4,7 +4,7 @@
  * `bandwidth / bytes of decoder weights read per token` (the decoder graph's file bytes: every weight is read
  * once per generated token; the KV cache of ~200 tokens adds < 1 % and is left out).
  */
-import { type BenchOptions, type Dtype, childErrorText, fmt, fmtBytes, fmtSpread, log, spread, table, writeResult } from "../lib/common.ts";
+import { type BenchOptions, type Dtype, childErrorText, fmt, fmtBytes, fmtSpread, log, spread, table, finishSuite } from "../lib/common.ts";
 import { type BandwidthResult, measureBandwidth } from "../lib/bandwidth.ts";
 import { graphBytes, prepareVariants } from "../lib/models.ts";
 import { runOurs } from "./single.ts";
@@ -43,8 +43,5 @@ export async function bandwidthSuite(opts: BenchOptions): Promise<{ file: string
   const bwRows = [["when", "threads", "memchr GB/s", "JS f64 sum GB/s"], ...[...before.map((b) => ["before", b] as const), ...after.map((b) => ["after", b] as const)].map(([w, b]) => [w, String(b.threads), fmt(b.memchr_bytes_per_s / 1e9, 2), fmt(b.f64sum_bytes_per_s / 1e9, 2)])];
   let text = `\nmemory read bandwidth (${fmtBytes(before[0]!.buffer_bytes)} buffer, best of ${reps})\n${table(bwRows)}\nbound uses the best: ${fmt(bw / 1e9, 2)} GB/s\n`;
   text += `\ndecode vs the bandwidth bound (${models.size}, ${opts.threads} threads; decode tok/s between token callbacks, decoder-step = the decoder run alone)\n${table(out)}\n`;
-  for (const [d, why] of Object.entries(failures)) text += `${d}: not measured — ${why}\n`;
-  process.stdout.write(text);
-  const body = { suite: "bandwidth", created: new Date().toISOString(), machine, options: opts, size: models.size, bandwidth: { before, after, bound_bytes_per_s: bw }, decode: rows, failures };
-  return { file: writeResult(opts, "bandwidth", body), body };
+  return finishSuite(opts, "bandwidth", text, { machine, size: models.size, failures }, { bandwidth: { before, after, bound_bytes_per_s: bw }, decode: rows });
 }

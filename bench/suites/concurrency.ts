@@ -5,7 +5,7 @@
  * gap between tokens.
  */
 import type { ConcurrencyArgs, ConcurrencyResult } from "../children/concurrency.ts";
-import { type BenchOptions, childErrorText, fmt, fmtBytes, fmtSpread, log, runChild, spread, table, writeResult } from "../lib/common.ts";
+import { type BenchOptions, childErrorText, fmt, fmtBytes, fmtSpread, log, runChild, spread, table, finishSuite } from "../lib/common.ts";
 import { prepareVariants } from "../lib/models.ts";
 
 export async function concurrencySuite(opts: BenchOptions): Promise<{ file: string; body: Record<string, unknown> }> {
@@ -79,8 +79,5 @@ export async function concurrencySuite(opts: BenchOptions): Promise<{ file: stri
     "agg decode = tokens in the window where all streams decode together; probe = a request arriving when the first stream finishes; " +
     "probe stall = the longest gap between two tokens of a running stream during the probe's admission; ITL = gap between tokens; " +
     "prefill chunk = the engine's prefillChunk (whole: the prompt in one turn); e2e = all tokens / wall time incl. prefills\n";
-  for (const [d, why] of Object.entries(failures)) text += `${d}: not measured — ${why}\n`;
-  process.stdout.write(text);
-  const body = { suite: "concurrency", created: new Date().toISOString(), machine, options: opts, size: models.size, results, summaries, failures };
-  return { file: writeResult(opts, "concurrency", body), body };
+  return finishSuite(opts, "concurrency", text, { machine, size: models.size, failures }, { results, summaries });
 }

@@ -6,7 +6,7 @@
  * speedup drafts of exactly k tokens give at a range of acceptance rates, from the measured pass costs. Default variants: int4 and int8-w8a8.
  */
 import type { DraftArgs, DraftResult } from "../children/draft.ts";
-import { type BenchOptions, childErrorText, fmt, fmtBytes, log, runChild, table, writeResult } from "../lib/common.ts";
+import { type BenchOptions, childErrorText, fmt, fmtBytes, log, runChild, table, finishSuite } from "../lib/common.ts";
 import { prepareVariants } from "../lib/models.ts";
 
 /** Per-token acceptance rates of the derived table. */
@@ -64,8 +64,5 @@ export async function draftSuite(opts: BenchOptions): Promise<{ file: string; bo
   text +=
     "greedy: random test weights repeat one token, which prompt lookup drafts right (the best case); sampled: temperature 1 among the 3 likeliest tokens (seed 1), short runs, drafts often wrong.\n" +
     "MedVLM-R1's own acceptance rate: npm run eval -- --batch 1 --draft-tokens K (real weights) reports it.\n";
-  for (const [d, why] of Object.entries(failures)) text += `${d}: not measured — ${why}\n`;
-  process.stdout.write(text);
-  const body = { suite: "draft", created: new Date().toISOString(), machine, options: opts, size: models.size, results, failures };
-  return { file: writeResult(opts, "draft", body), body };
+  return finishSuite(opts, "draft", text, { machine, size: models.size, failures }, { results });
 }

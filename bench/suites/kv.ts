@@ -5,7 +5,7 @@
  * size, printed as present / append. Default variant: int4 (both decoders are loaded at once; --dtypes names others).
  */
 import type { KvArgs, KvResult } from "../children/kv.ts";
-import { type BenchOptions, childErrorText, fmt, fmtBytes, log, runChild, table, writeResult } from "../lib/common.ts";
+import { type BenchOptions, childErrorText, fmt, fmtBytes, log, runChild, table, finishSuite } from "../lib/common.ts";
 import { prepareVariants } from "../lib/models.ts";
 
 export async function kvSuite(opts: BenchOptions): Promise<{ file: string; body: Record<string, unknown> }> {
@@ -37,8 +37,5 @@ export async function kvSuite(opts: BenchOptions): Promise<{ file: string; body:
     }
   }
   text += "append = decoder_model_append.onnx (new K/V written into a cache buffer with spare slots); present = decoder_model_merged.onnx (onnx-community: past + new copied into present every step)\n";
-  for (const [d, why] of Object.entries(failures)) text += `${d}: not measured — ${why}\n`;
-  process.stdout.write(text);
-  const body = { suite: "kv", created: new Date().toISOString(), machine, options: opts, size: models.size, results, failures };
-  return { file: writeResult(opts, "kv", body), body };
+  return finishSuite(opts, "kv", text, { machine, size: models.size, failures }, { results });
 }

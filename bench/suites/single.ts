@@ -7,7 +7,7 @@ import { mkdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import type { RunSample, SingleArgs, SingleResult } from "../children/single.ts";
 import type { TjsArgs, TjsResult } from "../children/tjs.ts";
-import { type BenchOptions, type Dtype, type Spread, childErrorText, fmt, fmtBytes, fmtSpread, log, runChild, spread, table, writeResult } from "../lib/common.ts";
+import { type BenchOptions, type Dtype, type Spread, childErrorText, fmt, fmtBytes, fmtSpread, log, runChild, spread, table, finishSuite } from "../lib/common.ts";
 import { graphBytes, prepareVariants } from "../lib/models.ts";
 import { evalPrompt, forcedIds } from "../lib/workload.ts";
 
@@ -189,14 +189,7 @@ export async function singleSuite(opts: BenchOptions): Promise<{ file: string; b
   for (const [d, v] of Object.entries(parity.dtypes_vs_fp32)) out += `greedy argmax agreement ${d} vs fp32: ${v.agreeing_prefix}/${v.of} steps\n`;
   if (tjs && !tjs.ok) out += `transformers.js could not run on our files (${tjs.error?.stage}): ${tjs.error?.message}\n`;
   if (tjs?.adaptations.length) out += `transformers.js layout adaptations: ${tjs.adaptations.join("; ")}\n`;
-  for (const [d, why] of Object.entries(failures)) out += `${d}: not measured — ${why}\n`;
-  process.stdout.write(out);
-  const body = {
-    suite: "single",
-    created: new Date().toISOString(),
-    machine,
-    options: opts,
-    size: models.size,
+  return finishSuite(opts, "single", out, { machine, size: models.size, failures }, {
     workload: { prompt_tokens: p.promptTokens, image_tokens: p.imageTokens, forced_tokens: opts.tokens, image: p.imagePath },
     models: models.steps,
     ours,
@@ -205,7 +198,5 @@ export async function singleSuite(opts: BenchOptions): Promise<{ file: string; b
     transformers_js_summary: tjsSummary,
     ratios,
     parity,
-    failures,
-  };
-  return { file: writeResult(opts, "single", body), body };
+  });
 }

@@ -3,35 +3,21 @@
  * golden (= single-sequence) ids token for token, requests join and leave between steps, and every request
  * ends in exactly one terminal event.
  */
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { BatchingEngine, nextPrefillChunk } from "../../gpu-backend/src/engine/engine.ts";
 import type { EngineEvent } from "../../gpu-backend/src/engine/engine-types.ts";
-import { loadModel, releaseModel, type LoadedModel } from "../../gpu-backend/src/engine/model.ts";
+import { loadModel, releaseModel } from "../../gpu-backend/src/engine/model.ts";
 import { loadGoldenCases } from "../support/golden.ts";
-import { buildTinyModel } from "../support/tiny-model.ts";
+import { useTinyModel } from "../support/tiny-model.ts";
 import { collect, requestFor, tokenIds } from "../support/engine-requests.ts";
 
 const cases = loadGoldenCases();
-let work: string;
-let model: LoadedModel;
-
-beforeAll(async () => {
-  work = mkdtempSync(join(tmpdir(), "engine-batch-"));
-  model = await loadModel(await buildTinyModel(work), { intraOpThreads: 2 });
-}, 120_000);
-
-afterAll(async () => {
-  if (model) await releaseModel(model);
-  rmSync(work, { recursive: true, force: true });
-});
-
+const tiny = useTinyModel("engine-batch-");
 
 describe("BatchingEngine", () => {
   it.each(["append", "present"] as const)("six concurrent requests (batch 4) each reproduce the golden greedy ids (%s KV contract)", async (kv) => {
-    const m = kv === model.kvCache ? model : await loadModel(join(work, "onnx"), { intraOpThreads: 2, kvCache: kv });
+    const m = kv === tiny.model.kvCache ? tiny.model : await loadModel(join(tiny.dir, "onnx"), { intraOpThreads: 2, kvCache: kv });
     expect(m.kvCache).toBe(kv);
     const engine = new BatchingEngine(m, { maxBatch: 4 });
     let maxActive = 0;
@@ -48,11 +34,11 @@ describe("BatchingEngine", () => {
     expect(maxActive).toBe(4); // sequences really shared decode steps
     expect(engine.stats()).toMatchObject({ active: 0, queued: 0 });
     await engine.close();
-    if (m !== model) await releaseModel(m);
+    if (m !== tiny.model) await releaseModel(m);
   });
 
   it("cancel silences a request at once and frees its slot", async () => {
-    const engine = new BatchingEngine(model, { maxBatch: 2 });
+    const engine = new BatchingEngine(tiny.model, { maxBatch: 2 });
     const c = cases[0]!;
     const seen: EngineEvent[] = [];
     let cancelledAt = -1;
@@ -72,7 +58,7 @@ describe("BatchingEngine", () => {
   });
 
   it("refuses an image whose decoded grid differs from the declared one, before start", async () => {
-    const engine = new BatchingEngine(model, { maxBatch: 2 });
+    const engine = new BatchingEngine(tiny.model, { maxBatch: 2 });
     const req = requestFor(cases[0]!, "bad-grid");
     req.images[0]!.expectedGrid = [1, 14, 16];
     const events = await collect(engine, req);
@@ -82,7 +68,7 @@ describe("BatchingEngine", () => {
   });
 
   it("a corrupt image is invalid_image", async () => {
-    const engine = new BatchingEngine(model, { maxBatch: 2 });
+    const engine = new BatchingEngine(tiny.model, { maxBatch: 2 });
     const req = requestFor(cases[0]!, "corrupt");
     req.images[0]!.bytes = req.images[0]!.bytes.subarray(0, 200);
     const events = await collect(engine, req);
@@ -91,7 +77,7 @@ describe("BatchingEngine", () => {
   });
 
   it("a stop string ends generation with finish_reason stop and is not emitted", async () => {
-    const engine = new BatchingEngine(model, { maxBatch: 2 });
+    const engine = new BatchingEngine(tiny.model, { maxBatch: 2 });
     const c = cases.find((x) => x.case === "case_05")!; // greedy text: " Bach Bach Bach …"
     const events = await collect(engine, requestFor(c, "stop", { stop: ["h Ba"] }));
     const done = events.at(-1)!;
@@ -101,7 +87,7 @@ describe("BatchingEngine", () => {
   });
 
   it("seeded sampling is reproducible and the seed matters", async () => {
-    const engine = new BatchingEngine(model, { maxBatch: 3 });
+    const engine = new BatchingEngine(tiny.model, { maxBatch: 3 });
     const c = cases[3]!;
     const p = { temperature: 1, top_p: 0.95, max_new_tokens: 16 };
     const [a, b, d] = await Promise.all([
@@ -142,7 +128,7 @@ describe("BatchingEngine", () => {
 
     /** The sequence lengths of the decoder runs that feed prompt tokens (more than one per row), in order. */
     async function promptRuns<T>(body: () => Promise<T>): Promise<{ result: T; lengths: number[] }> {
-      const session = model.sessions.decoder;
+      const session = tiny.model.sessions.decoder;
       const run = session.run;
       const lengths: number[] = [];
       session.run = ((feeds: Record<string, { dims: readonly number[] }>, ...rest: unknown[]) => {
@@ -171,7 +157,7 @@ describe("BatchingEngine", () => {
     });
 
     it.each([0, 16])("chunk %i: both reproduce the golden ids; A streams through B's admission only when chunked", async (chunk) => {
-      const engine = new BatchingEngine(model, { maxBatch: 2, prefillChunk: chunk });
+      const engine = new BatchingEngine(tiny.model, { maxBatch: 2, prefillChunk: chunk });
       let activeAtStart = -1;
       const {
         result: { a, b, order },
@@ -197,7 +183,7 @@ describe("BatchingEngine", () => {
     });
 
     it("cancelling a request mid-prefill silences it and frees the admission for the next one", async () => {
-      const engine = new BatchingEngine(model, { maxBatch: 2, prefillChunk: 4 });
+      const engine = new BatchingEngine(tiny.model, { maxBatch: 2, prefillChunk: 4 });
       const seen: EngineEvent[] = [];
       let submitted = false;
       const a = collect(engine, requestFor(decoding, "A", { max_new_tokens: 40 }), (ev) => {

@@ -4,33 +4,21 @@
  * the teacher-forced decode, exactly as the reference.
  */
 import { execFileSync } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { DEFAULT_PARAMS } from "../../shared/src/wire.ts";
-import { loadModel, releaseModel, type LoadedModel } from "../../gpu-backend/src/engine/model.ts";
+import { loadModel, type LoadedModel } from "../../gpu-backend/src/engine/model.ts";
 import { buildPrompt, createTokenizer } from "../../gpu-backend/src/engine/prompt.ts";
 import { Sequence, topK } from "../../gpu-backend/src/engine/generate.ts";
 import { getRopeIndex } from "../../gpu-backend/src/engine/rope-index.ts";
 import { runGeneration } from "../../gpu-backend/src/engine/run.ts";
 import type { ChatMessage } from "../../shared/src/chat-template.ts";
 import { GOLDEN_DIR, PROJECT_ROOT, type GoldenCase, loadGoldenCases, loadGoldenF32 } from "../support/golden.ts";
-import { buildTinyModel } from "../support/tiny-model.ts";
+import { useTinyModel } from "../support/tiny-model.ts";
 
 const cases = loadGoldenCases();
-let work: string;
-let model: LoadedModel;
-
-beforeAll(async () => {
-  work = mkdtempSync(join(tmpdir(), "engine-golden-"));
-  model = await loadModel(await buildTinyModel(work), { intraOpThreads: 2 });
-}, 120_000);
-
-afterAll(async () => {
-  if (model) await releaseModel(model);
-  rmSync(work, { recursive: true, force: true });
-});
+const tiny = useTinyModel("engine-golden-");
 
 /**
  * Feeds case `c`'s prompt in chunks of `chunk` tokens (Sequence.prepare, then prefillNext until it returns
@@ -65,7 +53,7 @@ async function chunkedPrefill(m: LoadedModel, c: GoldenCase, chunk: number): Pro
 
 describe.each(cases.map((c) => [c.case, c] as const))("%s", (_name, c) => {
   it("builds the reference input ids, grids and M-RoPE positions", async () => {
-    const prompt = await buildPrompt(model, createTokenizer(model), c.messages as ChatMessage[], GOLDEN_DIR);
+    const prompt = await buildPrompt(tiny.model, createTokenizer(tiny.model), c.messages as ChatMessage[], GOLDEN_DIR);
     expect(prompt.promptText).toBe(c.prompt_text);
     expect([...prompt.inputIds]).toEqual(c.input_ids);
     expect(prompt.gridThw.length ? prompt.gridThw : null).toEqual(c.image_grid_thw);
@@ -75,17 +63,17 @@ describe.each(cases.map((c) => [c.case, c] as const))("%s", (_name, c) => {
   });
 
   it("greedy generation reproduces the golden token ids", async () => {
-    const prompt = await buildPrompt(model, createTokenizer(model), c.messages as ChatMessage[], GOLDEN_DIR);
-    const r = await runGeneration(model, prompt, { ...DEFAULT_PARAMS, max_new_tokens: c.generated_ids.length });
+    const prompt = await buildPrompt(tiny.model, createTokenizer(tiny.model), c.messages as ChatMessage[], GOLDEN_DIR);
+    const r = await runGeneration(tiny.model, prompt, { ...DEFAULT_PARAMS, max_new_tokens: c.generated_ids.length });
     expect(r.generatedIds).toEqual(c.generated_ids);
     expect(r.finishReason).toBe("length");
     expect(r.text).toBe(c.generated_text);
   });
 
   it("the teacher-forced decode matches top-5 ids and logits within 1e-4", async () => {
-    const prompt = await buildPrompt(model, createTokenizer(model), c.messages as ChatMessage[], GOLDEN_DIR);
+    const prompt = await buildPrompt(tiny.model, createTokenizer(tiny.model), c.messages as ChatMessage[], GOLDEN_DIR);
     const forced = c.forced_decode;
-    const r = await runGeneration(model, prompt, DEFAULT_PARAMS, { forcedIds: forced.forced_ids, topK: 5 });
+    const r = await runGeneration(tiny.model, prompt, DEFAULT_PARAMS, { forcedIds: forced.forced_ids, topK: 5 });
     expect(r.steps).toHaveLength(forced.steps.length);
     let maxDiff = 0;
     r.steps.forEach((s, k) => {
@@ -99,36 +87,27 @@ describe.each(cases.map((c) => [c.case, c] as const))("%s", (_name, c) => {
 
   // 7 splits the image tokens and the text across chunks; each chunk attends to the cache and to itself.
   it("the prompt fed in chunks (prefillNext) gives the golden prefill logits and greedy ids", async () => {
-    expect(await chunkedPrefill(model, c, 7)).toBeLessThanOrEqual(1e-5);
+    expect(await chunkedPrefill(tiny.model, c, 7)).toBeLessThanOrEqual(1e-5);
   });
 });
 
 describe("the onnx-community decoder (present.* KV contract, as other exporters write it)", () => {
-  let m: LoadedModel;
-  let dir: string;
-  beforeAll(async () => {
-    dir = mkdtempSync(join(tmpdir(), "engine-present-"));
-    // A folder without decoder_model_append.onnx: the engine falls back to decoder_model_merged.onnx.
-    m = await loadModel(await buildTinyModel(dir, "fp32", { appendDecoder: false }), { intraOpThreads: 2 });
-  }, 120_000);
-  afterAll(async () => {
-    if (m) await releaseModel(m);
-    rmSync(dir, { recursive: true, force: true });
-  });
+  // A folder without decoder_model_append.onnx: the engine falls back to decoder_model_merged.onnx.
+  const present = useTinyModel("engine-present-", { appendDecoder: false });
 
   it("is what the engine loads without the append graph (which our converter writes and the engine prefers)", async () => {
-    expect(model.kvCache).toBe("append");
-    expect(m.kvCache).toBe("present");
-    await expect(loadModel(join(dir, "onnx"), { kvCache: "append" })).rejects.toMatchObject({ name: "EngineLoadError", code: "bad_model" });
+    expect(tiny.model.kvCache).toBe("append");
+    expect(present.model.kvCache).toBe("present");
+    await expect(loadModel(join(present.dir, "onnx"), { kvCache: "append" })).rejects.toMatchObject({ name: "EngineLoadError", code: "bad_model" });
   });
 
   it("reproduces the golden greedy ids and teacher-forced top-5 logits for every case", async () => {
     let worst = 0;
     for (const c of cases) {
-      const prompt = await buildPrompt(m, createTokenizer(m), c.messages as ChatMessage[], GOLDEN_DIR);
-      const greedy = await runGeneration(m, prompt, { ...DEFAULT_PARAMS, max_new_tokens: c.generated_ids.length });
+      const prompt = await buildPrompt(present.model, createTokenizer(present.model), c.messages as ChatMessage[], GOLDEN_DIR);
+      const greedy = await runGeneration(present.model, prompt, { ...DEFAULT_PARAMS, max_new_tokens: c.generated_ids.length });
       expect(greedy.generatedIds, c.case).toEqual(c.generated_ids);
-      const forced = await runGeneration(m, prompt, DEFAULT_PARAMS, { forcedIds: c.forced_decode.forced_ids, topK: 5 });
+      const forced = await runGeneration(present.model, prompt, DEFAULT_PARAMS, { forcedIds: c.forced_decode.forced_ids, topK: 5 });
       forced.steps.forEach((s, k) => {
         const want = c.forced_decode.steps[k]!.top5;
         expect(s.top5.map((p) => p[0]), `${c.case} step ${k}`).toEqual(want.map((p) => p[0]));
@@ -139,20 +118,20 @@ describe("the onnx-community decoder (present.* KV contract, as other exporters 
   }, 120_000);
 
   it("feeds a prompt in chunks too (the whole cache passes through the graph's Concat each chunk)", async () => {
-    for (const c of cases) expect(await chunkedPrefill(m, c, 50), c.case).toBeLessThanOrEqual(1e-5);
+    for (const c of cases) expect(await chunkedPrefill(present.model, c, 50), c.case).toBeLessThanOrEqual(1e-5);
   }, 120_000);
 });
 
 describe("npm run generate", () => {
   it("--json prints one line with the case's ids, positions and greedy ids", () => {
     const c = cases[0]!;
-    const msgFile = join(work, "messages.json");
+    const msgFile = join(tiny.dir, "messages.json");
     // Image paths are relative to the messages file: point them at the golden images.
     const messages = JSON.parse(JSON.stringify(c.messages).replaceAll('"images/', `"${GOLDEN_DIR}/images/`));
     writeFileSync(msgFile, JSON.stringify({ messages }));
     const out = execFileSync(
       process.execPath,
-      [join(PROJECT_ROOT, "node_modules/tsx/dist/cli.mjs"), "scripts/generate.ts", "--model", join(work, "onnx"), "--messages", msgFile, "--max-new-tokens", "24", "--json"],
+      [join(PROJECT_ROOT, "node_modules/tsx/dist/cli.mjs"), "scripts/generate.ts", "--model", join(tiny.dir, "onnx"), "--messages", msgFile, "--max-new-tokens", "24", "--json"],
       { cwd: PROJECT_ROOT, encoding: "utf8" },
     );
     const lines = out.trim().split("\n");
@@ -171,7 +150,7 @@ describe("npm run generate", () => {
     const spec = JSON.parse(
       execFileSync(
         process.execPath,
-        [join(PROJECT_ROOT, "node_modules/tsx/dist/cli.mjs"), "scripts/generate.ts", "--model", join(work, "onnx"), "--messages", msgFile, "--max-new-tokens", "24", "--json", "--draft-tokens", "4"],
+        [join(PROJECT_ROOT, "node_modules/tsx/dist/cli.mjs"), "scripts/generate.ts", "--model", join(tiny.dir, "onnx"), "--messages", msgFile, "--max-new-tokens", "24", "--json", "--draft-tokens", "4"],
         { cwd: PROJECT_ROOT, encoding: "utf8" },
       ),
     );
@@ -182,11 +161,11 @@ describe("npm run generate", () => {
 
   it("--forced-ids scores a continuation: top-5 [id, logit] per step in the golden forced_decode shape", () => {
     const c = cases.find((x) => x.case === "case_04")!; // text only
-    const msgFile = join(work, "messages-text.json");
+    const msgFile = join(tiny.dir, "messages-text.json");
     writeFileSync(msgFile, JSON.stringify({ messages: c.messages }));
     const out = execFileSync(
       process.execPath,
-      [join(PROJECT_ROOT, "node_modules/tsx/dist/cli.mjs"), "scripts/generate.ts", "--model", join(work, "onnx"), "--messages", msgFile, "--forced-ids", c.forced_decode.forced_ids.join(","), "--json"],
+      [join(PROJECT_ROOT, "node_modules/tsx/dist/cli.mjs"), "scripts/generate.ts", "--model", join(tiny.dir, "onnx"), "--messages", msgFile, "--forced-ids", c.forced_decode.forced_ids.join(","), "--json"],
       { cwd: PROJECT_ROOT, encoding: "utf8" },
     );
     const j = JSON.parse(out.trim());
@@ -202,7 +181,7 @@ describe("npm run generate", () => {
 
 describe("execution provider", () => {
   it("asking for CUDA without its provider is a clear start-up error, never a silent CPU fallback", async () => {
-    const err = await loadModel(join(work, "onnx"), { executionProvider: "cuda" }).catch((e: unknown) => e);
+    const err = await loadModel(join(tiny.dir, "onnx"), { executionProvider: "cuda" }).catch((e: unknown) => e);
     expect(err).toMatchObject({ name: "EngineLoadError", code: "provider_unavailable" });
     expect((err as Error).message).toMatch(/ONNXRUNTIME_NODE_INSTALL=cuda12/);
     expect((err as Error).message).toMatch(/EXECUTION_PROVIDER=cpu/);
@@ -214,16 +193,7 @@ describe.each([
   ["int8-w8a8", "int8", { w8a8: true }],
   ["fp16", "fp16", {}],
 ] as const)("%s conversion through the engine", (label, dtype, extra) => {
-  let m: LoadedModel;
-  let dir: string;
-  beforeAll(async () => {
-    dir = mkdtempSync(join(tmpdir(), `engine-${label}-`));
-    m = await loadModel(await buildTinyModel(dir, dtype, extra), { intraOpThreads: 2 });
-  }, 120_000);
-  afterAll(async () => {
-    if (m) await releaseModel(m);
-    rmSync(dir, { recursive: true, force: true });
-  });
+  const converted = useTinyModel(`engine-${label}-`, { dtype, ...extra });
 
   // Greedy margins in the golden cases are ≥ 0.018, above int8/fp16's measured logit error (≤ 0.03 / 0.002 max,
   // far less typically): the greedy paths must agree with fp32 transformers exactly. int8 with W8A8 decoder
@@ -231,8 +201,8 @@ describe.each([
   // greedy steps as measured, so it is held to the same.
   it("greedy generation reproduces the golden ids for every case", async () => {
     for (const c of cases) {
-      const prompt = await buildPrompt(m, createTokenizer(m), c.messages as ChatMessage[], GOLDEN_DIR);
-      const r = await runGeneration(m, prompt, { ...DEFAULT_PARAMS, max_new_tokens: c.generated_ids.length });
+      const prompt = await buildPrompt(converted.model, createTokenizer(converted.model), c.messages as ChatMessage[], GOLDEN_DIR);
+      const r = await runGeneration(converted.model, prompt, { ...DEFAULT_PARAMS, max_new_tokens: c.generated_ids.length });
       expect(r.generatedIds, c.case).toEqual(c.generated_ids);
     }
   }, 120_000);

@@ -5,47 +5,33 @@
  * rejected (the test weights generate runs of one token, which prompt lookup drafts right; sampling at
  * temperature 1 makes it wrong).
  */
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { DEFAULT_PARAMS, type GenerationParams } from "../../shared/src/wire.ts";
 import { BatchingEngine } from "../../gpu-backend/src/engine/engine.ts";
 import type { EngineEvent } from "../../gpu-backend/src/engine/engine-types.ts";
-import { loadModel, releaseModel, type LoadedModel } from "../../gpu-backend/src/engine/model.ts";
+import type { LoadedModel } from "../../gpu-backend/src/engine/model.ts";
 import { buildPrompt, createTokenizer, type BuiltPrompt } from "../../gpu-backend/src/engine/prompt.ts";
 import { Generation, runGeneration } from "../../gpu-backend/src/engine/run.ts";
 import type { ChatMessage } from "../../shared/src/chat-template.ts";
 import { GOLDEN_DIR, loadGoldenCases, type GoldenCase } from "../support/golden.ts";
-import { buildTinyModel } from "../support/tiny-model.ts";
+import { useTinyModel } from "../support/tiny-model.ts";
 import { collect, requestFor, tokenIds } from "../support/engine-requests.ts";
 
 const cases = loadGoldenCases();
-let work: string;
-let model: LoadedModel;
-
-beforeAll(async () => {
-  work = mkdtempSync(join(tmpdir(), "engine-spec-"));
-  model = await loadModel(await buildTinyModel(work), { intraOpThreads: 2 });
-}, 120_000);
-
-afterAll(async () => {
-  if (model) await releaseModel(model);
-  rmSync(work, { recursive: true, force: true });
-});
+const tiny = useTinyModel("engine-spec-");
 
 const promptOf = (m: LoadedModel, c: GoldenCase): Promise<BuiltPrompt> => buildPrompt(m, createTokenizer(m), c.messages as ChatMessage[], GOLDEN_DIR);
 const greedy = (c: GoldenCase): GenerationParams => ({ ...DEFAULT_PARAMS, max_new_tokens: c.generated_ids.length });
 
 describe("speculative decoding", () => {
   it("the append decoder returns several positions' logits (logits_to_keep)", () => {
-    expect(model.logitsToKeep).toBe(true);
-    expect(model.sessions.decoder.inputNames).toContain("logits_to_keep");
+    expect(tiny.model.logitsToKeep).toBe(true);
+    expect(tiny.model.sessions.decoder.inputNames).toContain("logits_to_keep");
   });
 
   it.each([1, 4, 7])("greedy with drafts of up to %i tokens reproduces the golden ids, in fewer decoder passes", async (k) => {
     for (const c of cases) {
-      const r = await runGeneration(model, await promptOf(model, c), greedy(c), { draftTokens: k });
+      const r = await runGeneration(tiny.model, await promptOf(tiny.model, c), greedy(c), { draftTokens: k });
       expect(r.generatedIds, c.case).toEqual(c.generated_ids);
       expect(r.text).toBe(c.generated_text);
       const passes = r.timings.decode_ms_per_pass.length;
@@ -61,7 +47,7 @@ describe("speculative decoding", () => {
     let worst = 0;
     for (const c of cases) {
       const forced = c.forced_decode;
-      const r = await runGeneration(model, await promptOf(model, c), DEFAULT_PARAMS, { forcedIds: forced.forced_ids, topK: 5, draftTokens: 4 });
+      const r = await runGeneration(tiny.model, await promptOf(tiny.model, c), DEFAULT_PARAMS, { forcedIds: forced.forced_ids, topK: 5, draftTokens: 4 });
       expect(r.steps).toHaveLength(forced.steps.length);
       r.steps.forEach((s, k) => {
         const want = forced.steps[k]!.top5;
@@ -77,10 +63,10 @@ describe("speculative decoding", () => {
 
   it("a wrong draft yields the model's own token, and its rejected tokens leave the cache", async () => {
     const c = cases[0]!;
-    const gen = new Generation(model, await promptOf(model, c), greedy(c));
+    const gen = new Generation(tiny.model, await promptOf(tiny.model, c), greedy(c));
     gen.accept(await gen.seq.prefill());
     const fed = gen.seq.fed;
-    const wrong = (c.generated_ids[1]! + 1) % model.config.text.vocab_size;
+    const wrong = (c.generated_ids[1]! + 1) % tiny.model.config.text.vocab_size;
     const out = await gen.advance([wrong, wrong, wrong]);
     expect(out.map((t) => t.id)).toEqual([c.generated_ids[1]]);
     expect(gen.seq.fed).toBe(fed + 1);
@@ -96,13 +82,13 @@ describe("speculative decoding", () => {
 
   it("the draft size: one more than the tokens kept after a rejection, +2 after a draft kept whole, up to the maximum", async () => {
     const c = cases[0]!; // the golden text repeats one token: the lookup drafts it right
-    const gen = new Generation(model, await promptOf(model, c), { ...DEFAULT_PARAMS, max_new_tokens: 200 });
+    const gen = new Generation(tiny.model, await promptOf(tiny.model, c), { ...DEFAULT_PARAMS, max_new_tokens: 200 });
     gen.accept(await gen.seq.prefill());
     await gen.advance();
     await gen.advance();
     const x = c.generated_ids[3]!;
     expect(gen.draft(6)).toEqual(new Array(6).fill(x));
-    const wrong = (x + 1) % model.config.text.vocab_size;
+    const wrong = (x + 1) % tiny.model.config.text.vocab_size;
     // Right for the first 3 tokens, then wrong: 3 kept, the next draft has 4.
     await gen.advance([x, x, x, wrong, wrong, wrong]);
     expect(gen.draft(6)).toHaveLength(4);
@@ -120,7 +106,7 @@ describe("speculative decoding", () => {
     let rejected = 0;
     let accepted = 0;
     for (const c of cases) {
-      const prompt = await promptOf(model, c);
+      const prompt = await promptOf(tiny.model, c);
       // Among the 2–3 likeliest tokens the test weights' text repeats in short runs: drafts are right and wrong.
       // A repetition penalty (greedy) makes each choice depend on the tokens chosen before it in the same pass.
       const settings: Partial<GenerationParams>[] = [
@@ -130,8 +116,8 @@ describe("speculative decoding", () => {
       ];
       for (const setting of settings) {
         const params = { ...DEFAULT_PARAMS, max_new_tokens: 24, ...setting };
-        const plain = await runGeneration(model, prompt, params);
-        const spec = await runGeneration(model, prompt, params, { draftTokens: 4 });
+        const plain = await runGeneration(tiny.model, prompt, params);
+        const spec = await runGeneration(tiny.model, prompt, params, { draftTokens: 4 });
         expect(spec.generatedIds, `${c.case}, ${JSON.stringify(setting)}`).toEqual(plain.generatedIds);
         rejected += spec.drafts.proposed - spec.drafts.accepted;
         accepted += spec.drafts.accepted;
@@ -143,27 +129,27 @@ describe("speculative decoding", () => {
 
   it("drafts stop at max_new_tokens and at the end of the context", async () => {
     const c = cases[0]!;
-    const prompt = await promptOf(model, c);
+    const prompt = await promptOf(tiny.model, c);
     // The golden text is one token repeated, so every draft is right: a draft running past the 6th token would
     // leave draft tokens unaccepted.
-    const r = await runGeneration(model, prompt, { ...DEFAULT_PARAMS, max_new_tokens: 6 }, { draftTokens: 8 });
+    const r = await runGeneration(tiny.model, prompt, { ...DEFAULT_PARAMS, max_new_tokens: 6 }, { draftTokens: 8 });
     expect(r.generatedIds).toEqual(c.generated_ids.slice(0, 6));
     expect(r.drafts.accepted).toBeGreaterThan(0);
     expect(r.drafts.proposed).toBe(r.drafts.accepted);
-    const gen = new Generation(model, prompt, greedy(c));
+    const gen = new Generation(tiny.model, prompt, greedy(c));
     gen.accept(await gen.seq.prefill());
     await gen.advance();
     await gen.advance();
     expect(gen.draft(8)).toEqual(new Array(8).fill(c.generated_ids[3]));
     expect(gen.draft(0)).toEqual([]);
-    gen.seq.fed = model.config.text.max_position_embeddings - 3; // pretend the context is almost full
+    gen.seq.fed = tiny.model.config.text.max_position_embeddings - 3; // pretend the context is almost full
     expect(gen.draft(8).length).toBe(2);
     gen.seq.release();
   });
 
   describe("in the BatchingEngine (draftTokens)", () => {
     it("a request decoding alone is drafted for; its usage says how many draft tokens were kept", async () => {
-      const engine = new BatchingEngine(model, { maxBatch: 4, draftTokens: 4 });
+      const engine = new BatchingEngine(tiny.model, { maxBatch: 4, draftTokens: 4 });
       for (const c of cases.slice(0, 2)) {
         const events = await collect(engine, requestFor(c, `s-${c.case}`));
         expect(tokenIds(events), c.case).toEqual(c.generated_ids);
@@ -179,14 +165,14 @@ describe("speculative decoding", () => {
     });
 
     it("concurrent requests still reproduce the golden ids (drafted for only while one decodes alone)", async () => {
-      const engine = new BatchingEngine(model, { maxBatch: 4, draftTokens: 4 });
+      const engine = new BatchingEngine(tiny.model, { maxBatch: 4, draftTokens: 4 });
       const results = await Promise.all(cases.map((c, i) => collect(engine, requestFor(c, `c${i}`))));
       results.forEach((events, i) => expect(tokenIds(events), cases[i]!.case).toEqual(cases[i]!.generated_ids));
       await engine.close();
     });
 
     it("without draftTokens nothing is drafted and usage has no draft details", async () => {
-      const engine = new BatchingEngine(model, { maxBatch: 4 });
+      const engine = new BatchingEngine(tiny.model, { maxBatch: 4 });
       const events = await collect(engine, requestFor(cases[0]!, "plain"));
       expect(tokenIds(events)).toEqual(cases[0]!.generated_ids);
       expect((events.at(-1) as Extract<EngineEvent, { type: "done" }>).usage.completion_tokens_details).toBeUndefined();
@@ -195,26 +181,17 @@ describe("speculative decoding", () => {
   });
 
   describe("a decoder without logits_to_keep (the onnx-community graph)", () => {
-    let m: LoadedModel;
-    let dir: string;
-    beforeAll(async () => {
-      dir = mkdtempSync(join(tmpdir(), "engine-spec-present-"));
-      m = await loadModel(await buildTinyModel(dir, "fp32", { appendDecoder: false }), { intraOpThreads: 2 });
-    }, 120_000);
-    afterAll(async () => {
-      if (m) await releaseModel(m);
-      rmSync(dir, { recursive: true, force: true });
-    });
+    const present = useTinyModel("engine-spec-present-", { appendDecoder: false });
 
     it("decodes one token per pass: nothing is drafted, the tokens are the golden ones", async () => {
-      expect(m.logitsToKeep).toBe(false);
+      expect(present.model.logitsToKeep).toBe(false);
       const c = cases[0]!;
-      const prompt = await promptOf(m, c);
-      const r = await runGeneration(m, prompt, greedy(c), { draftTokens: 4 });
+      const prompt = await promptOf(present.model, c);
+      const r = await runGeneration(present.model, prompt, greedy(c), { draftTokens: 4 });
       expect(r.generatedIds).toEqual(c.generated_ids);
       expect(r.drafts).toEqual({ proposed: 0, accepted: 0 });
       expect(r.timings.decode_ms_per_pass).toHaveLength(c.generated_ids.length - 1);
-      const gen = new Generation(m, prompt, greedy(c));
+      const gen = new Generation(present.model, prompt, greedy(c));
       gen.accept(await gen.seq.prefill());
       await expect(gen.advance([1, 2])).rejects.toMatchObject({ code: "internal_error" });
       gen.seq.release();
