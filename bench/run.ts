@@ -15,13 +15,15 @@
  *   draft        speculative decoding (prompt-lookup drafts, the engine's DRAFT_TOKENS): the decoder pass over
  *                1 + k tokens against a step, decode tok/s with drafts against none, and the speedup per
  *                acceptance rate; default variants int4 and int8-w8a8
+ *   vision       the vision encoder on large images: attention in chunks (the converter's default) against the
+ *                whole attention at once, time and peak RSS per patch count; default variant int4
  *   edge         the worker under `wrangler dev` against an instant backend double: req/s, p50/p99, cold start,
  *                tokenizer heap (proxy for isolate memory)
  *   all          every suite above, in that order
  *
  * Options: --dtypes fp32,int8,int4,int8-w8a8 (also fp16)  --runs 3  --tokens 32  --threads 2  --quick  --cache /tmp/medvlm-bench-cache
  *          --results-dir bench/results  --levels 1,2,4,8  --max-batch 8  --rounds 1  --requests 300  --clients 8
- *          --bandwidth-mib 1024  --contexts 300,1024,2048  --kv-rows 1,8  --prefill-chunks 0,128  --draft-tokens 1,2,4,8  --arrivals 16  --load 1  --seed 1  --no-tjs  --child-timeout 900  --drop-checkpoint
+ *          --bandwidth-mib 1024  --contexts 300,1024,2048  --kv-rows 1,8  --prefill-chunks 0,128  --draft-tokens 1,2,4,8  --vision-patches 256,1024,4096  --arrivals 16  --load 1  --seed 1  --no-tjs  --child-timeout 900  --drop-checkpoint
  *          --probe-image <file> --probe-max-pixels N (concurrency: the arriving probe asks about this image, e.g. a large one)
  * Each suite prints a table and writes bench/results/<suite>-<timestamp>.json (with machine info).
  */
@@ -30,13 +32,13 @@ import { parseArgs } from "node:util";
 import { CONFIG_DEFAULTS } from "../gpu-backend/src/server/config.ts";
 import { ALL_DTYPES, BENCH_DIR, DEFAULT_CACHE, DEFAULT_DTYPES, type BenchOptions, type Dtype, log } from "./lib/common.ts";
 
-export const SUITES = ["models", "single", "bandwidth", "concurrency", "arrivals", "kv", "draft", "edge"] as const;
+export const SUITES = ["models", "single", "bandwidth", "concurrency", "arrivals", "kv", "draft", "vision", "edge"] as const;
 export type Suite = (typeof SUITES)[number];
 
 const USAGE =
-  "usage: npm run bench -- <models|single|bandwidth|concurrency|arrivals|kv|draft|edge|all> [--dtypes fp32,int8,int4,int8-w8a8] [--runs N] [--tokens N] [--threads N]\n" +
+  "usage: npm run bench -- <models|single|bandwidth|concurrency|arrivals|kv|draft|vision|edge|all> [--dtypes fp32,int8,int4,int8-w8a8] [--runs N] [--tokens N] [--threads N]\n" +
   "       [--quick] [--cache DIR] [--results-dir DIR] [--levels 1,2,4,8] [--max-batch N] [--rounds N] [--requests N] [--clients N]\n" +
-  "       [--bandwidth-mib N] [--contexts 300,1024,2048] [--kv-rows 1,8] [--prefill-chunks 0,128] [--draft-tokens 1,2,4,8] [--probe-image FILE] [--probe-max-pixels N]\n" +
+  "       [--bandwidth-mib N] [--contexts 300,1024,2048] [--kv-rows 1,8] [--prefill-chunks 0,128] [--draft-tokens 1,2,4,8] [--vision-patches 256,1024,4096] [--probe-image FILE] [--probe-max-pixels N]\n" +
   "       [--arrivals N] [--load X] [--seed N] [--no-tjs] [--child-timeout S] [--drop-checkpoint]";
 
 export class UsageError extends Error {}
@@ -65,6 +67,7 @@ export function parseBenchArgs(argv: string[]): { suites: Suite[]; opts: BenchOp
         "kv-rows": { type: "string" },
         "prefill-chunks": { type: "string" },
         "draft-tokens": { type: "string" },
+        "vision-patches": { type: "string" },
         "probe-image": { type: "string" },
         "probe-max-pixels": { type: "string" },
         arrivals: { type: "string" },
@@ -126,6 +129,14 @@ export function parseBenchArgs(argv: string[]): { suites: Suite[]; opts: BenchOp
     draftTokens: (v["draft-tokens"] ?? (quick ? "1,3" : "1,2,4,8")).split(",").map((s) => int("draft-tokens", s, 1)),
     // Speculative decoding pays where a pass over several tokens is cheap: compare the two serving configurations.
     draftDtypes: v.dtypes === undefined ? (quick ? ["int4"] : ["int4", "int8-w8a8"]) : dtypes,
+    // Patch rows of a square image (an even side: whole 2×2 merge windows); 4096 = 896×896 pixels.
+    visionPatches: (v["vision-patches"] ?? (quick ? "64,256" : "256,1024,4096")).split(",").map((s) => {
+      const n = int("vision-patches", s, 16);
+      const side = Math.round(Math.sqrt(n));
+      if (side * side !== n || side % 2) throw new UsageError(`--vision-patches: ${n} is not the square of an even number (e.g. 256, 1024, 1936, 4096)`);
+      return n;
+    }),
+    visionDtypes: v.dtypes === undefined ? ["int4"] : dtypes,
     probeImage: v["probe-image"] ?? null,
     probeMaxPixels: int("probe-max-pixels", v["probe-max-pixels"], 12845056, 3136),
     // The two serving configurations: int4 (least memory) and int8-w8a8 (fastest first token).
@@ -168,6 +179,9 @@ export async function runBench(argv: string[]): Promise<string[]> {
         break;
       case "draft":
         r = await (await import("./suites/draft.ts")).draftSuite(opts);
+        break;
+      case "vision":
+        r = await (await import("./suites/vision.ts")).visionSuite(opts);
         break;
       case "edge":
         r = await (await import("./suites/edge.ts")).edgeSuite(opts);

@@ -3,7 +3,7 @@
  *
  *   npx tsx scripts/convert.ts --model <folder|hub id> --out <folder> [--dtype fp32|fp16|int8|int4]
  *       [--block-size 32|128] [--symmetric] [--accuracy-level 0..4] [--lm-head nbits|w8a8|float] [--w8a8]
- *       [--vision-int8 | --no-vision-int8] [--full-logits] [--no-append-decoder]
+ *       [--vision-int8 | --no-vision-int8] [--vision-attention-chunk N] [--full-logits] [--no-append-decoder]
  *       [--external-data auto|always|never] [--hash-files] [--overwrite]
  *
  * --w8a8 (with --dtype int8 only): the decoder layers as W8A8 integer GEMMs (MatMulInteger: int8 weights per
@@ -15,6 +15,9 @@
  * --vision-int8 / --no-vision-int8: the vision encoder's blocks as W8A8 integer GEMMs (int8 weights per output
  * feature, int8 activations per token) or float32. Default: W8A8 for int4 and for int8 --w8a8. fp16 has no
  * W8A8 vision.
+ * --vision-attention-chunk N: the vision encoder's attention runs in chunks of query rows holding at most N scores
+ * (default 2²⁴, 64 MiB in float32): memory bounded whatever the image. A GPU with memory to spare can take larger
+ * chunks (fewer `Loop` iterations).
  * --no-append-decoder: skip decoder_model_append.onnx (the decoder with the engine's in-place KV cache; it
  * shares the weights' data file with decoder_model_merged.onnx) and write only the onnx-community layout.
  *
@@ -46,13 +49,15 @@ function quantSummary(head: LmHeadMethod, q: NonNullable<ConvertManifest["quanti
 const USAGE =
   "usage: npx tsx scripts/convert.ts --model <folder|hub id> --out <folder> [--dtype fp32|fp16|int8|int4] " +
   "[--block-size N] [--symmetric] [--accuracy-level 0..4] [--lm-head nbits|w8a8|float] [--w8a8] " +
-  "[--vision-int8 | --no-vision-int8] [--full-logits] [--no-append-decoder] [--external-data auto|always|never] [--hash-files] [--overwrite]\n" +
+  "[--vision-int8 | --no-vision-int8] [--vision-attention-chunk N] [--full-logits] [--no-append-decoder] [--external-data auto|always|never] [--hash-files] [--overwrite]\n" +
   "  --w8a8                           --dtype int8 only: decoder layers as W8A8 int8 GEMMs (MatMulInteger, int8 activations " +
   "per token) instead of MatMulNBits: faster prefill/time to first token; vision W8A8 by default\n" +
   "  --lm-head nbits|w8a8|float       the LM head as MatMulNBits (the dtype's bits), W8A8 int8 GEMM (int8 weights per vocabulary row, " +
   "int8 activations per token) or float32 (default: w8a8 for int4 and int8 --w8a8, nbits for int8; fp32/fp16: float only)\n" +
   "  --vision-int8, --no-vision-int8  vision encoder blocks as W8A8 int8 GEMMs, or float32 " +
   "(default: int8 vision for --dtype int4 and for --dtype int8 --w8a8; not available for fp16)\n" +
+  "  --vision-attention-chunk N       most attention scores per chunk of query rows in the vision encoder (default 16777216 = 2^24; " +
+  "larger chunks, fewer iterations, more memory)\n" +
   "  --no-append-decoder              write only the onnx-community graphs, not decoder_model_append.onnx (the engine's " +
   "in-place KV cache decoder, which it prefers; it shares the decoder's weight data)";
 
@@ -73,6 +78,7 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
       w8a8: { type: "boolean", default: false },
       "vision-int8": { type: "boolean", default: false },
       "no-vision-int8": { type: "boolean", default: false },
+      "vision-attention-chunk": { type: "string" },
       "full-logits": { type: "boolean", default: false },
       "no-append-decoder": { type: "boolean", default: false },
       "external-data": { type: "string", default: "auto" },
@@ -106,6 +112,8 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
   if (values["vision-int8"] && values["no-vision-int8"]) return usage("--vision-int8 and --no-vision-int8 exclude each other");
   if (values["vision-int8"] && dtype === "fp16") return usage("--vision-int8 needs a float32 vision encoder (--dtype fp32, int8 or int4), not fp16");
   const visionInt8 = values["vision-int8"] ? true : values["no-vision-int8"] ? false : undefined;
+  const chunk = values["vision-attention-chunk"] === undefined ? undefined : Number(values["vision-attention-chunk"]);
+  if (chunk !== undefined && !(Number.isSafeInteger(chunk) && chunk >= 1)) return usage(`--vision-attention-chunk must be an integer ≥ 1, got ${values["vision-attention-chunk"]}`);
 
   const started = performance.now();
   const bar = { lastDraw: 0 };
@@ -121,6 +129,7 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
       ...(lmHead !== undefined ? { lmHead } : {}),
       ...(values.w8a8 ? { w8a8: true } : {}),
       ...(visionInt8 !== undefined ? { visionInt8 } : {}),
+      ...(chunk !== undefined ? { visionAttentionChunkElements: chunk } : {}),
       externalData: ext === "auto" ? "auto" : ext === "always",
       hashWholeFiles: values["hash-files"],
       overwrite: values.overwrite,

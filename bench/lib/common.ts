@@ -73,6 +73,9 @@ export interface BenchOptions {
   /** draft suite: draft sizes k (passes of k + 1 tokens) and variants (int4 and int8-w8a8 unless --dtypes is given) */
   draftTokens: number[];
   draftDtypes: Dtype[];
+  /** vision suite: patch counts (squares of an even side) and variants (int4 unless --dtypes is given) */
+  visionPatches: number[];
+  visionDtypes: Dtype[];
   /** skip the transformers.js comparison in `single` */
   noTjs: boolean;
   /** per-child timeout in seconds */

@@ -12,6 +12,7 @@ import { poissonArrivals } from "../../bench/lib/workload.ts";
 import { parseBenchArgs, runBench, UsageError } from "../../bench/run.ts";
 import { summarizeArrivals } from "../../bench/suites/arrivals.ts";
 import { expectedTokensPerPass } from "../../bench/suites/draft.ts";
+import { attentionChunks } from "../../bench/suites/vision.ts";
 import { CONVERTER_REVISION } from "../../gpu-backend/src/convert/index.ts";
 import { PROJECT_ROOT } from "../support/golden.ts";
 
@@ -36,7 +37,7 @@ describe("bench (quick, tiny model)", () => {
     const { suites, opts } = parseBenchArgs(["single", "--dtypes", "fp32,int4", "--runs", "3", "--tokens", "32", "--threads", "2"]);
     expect(suites).toEqual(["single"]);
     expect(opts).toMatchObject({ dtypes: ["fp32", "int4"], runs: 3, tokens: 32, threads: 2, quick: false });
-    expect(parseBenchArgs(["all", "--quick"]).suites).toEqual(["models", "single", "bandwidth", "concurrency", "arrivals", "kv", "draft", "edge"]);
+    expect(parseBenchArgs(["all", "--quick"]).suites).toEqual(["models", "single", "bandwidth", "concurrency", "arrivals", "kv", "draft", "vision", "edge"]);
     expect(parseBenchArgs(["draft"]).opts).toMatchObject({ draftDtypes: ["int4", "int8-w8a8"], draftTokens: [1, 2, 4, 8] });
     expect(parseBenchArgs(["draft", "--dtypes", "fp32", "--draft-tokens", "3"]).opts).toMatchObject({ draftDtypes: ["fp32"], draftTokens: [3] });
     expect(() => parseBenchArgs(["draft", "--draft-tokens", "0"])).toThrow(UsageError);
@@ -48,6 +49,10 @@ describe("bench (quick, tiny model)", () => {
     expect(() => parseBenchArgs(["arrivals", "--load", "x"])).toThrow(UsageError);
     expect(parseBenchArgs(["kv"]).opts).toMatchObject({ kvDtypes: ["int4"], contexts: [300, 1024, 2048], kvRows: [1, 8] });
     expect(parseBenchArgs(["kv", "--dtypes", "int8", "--contexts", "64"]).opts).toMatchObject({ kvDtypes: ["int8"], contexts: [64] });
+    expect(parseBenchArgs(["vision"]).opts).toMatchObject({ visionDtypes: ["int4"], visionPatches: [256, 1024, 4096] });
+    expect(parseBenchArgs(["vision", "--dtypes", "fp32", "--vision-patches", "1936"]).opts).toMatchObject({ visionDtypes: ["fp32"], visionPatches: [1936] });
+    expect(() => parseBenchArgs(["vision", "--vision-patches", "1000"])).toThrow(/not the square of an even number/);
+    expect(() => parseBenchArgs(["vision", "--vision-patches", "225"])).toThrow(UsageError);
     expect(parseBenchArgs(["concurrency"]).opts.prefillChunks).toEqual([0, 128]);
     expect(parseBenchArgs(["concurrency", "--prefill-chunks", "64"]).opts.prefillChunks).toEqual([64]);
     expect(() => parseBenchArgs(["concurrency", "--prefill-chunks", "-1"])).toThrow(UsageError);
@@ -239,6 +244,36 @@ describe("bench (quick, tiny model)", () => {
     expect(expectedTokensPerPass(3, 0.5)).toBe(1.875);
     expect(expectedTokensPerPass(4, 1)).toBe(5);
     expect(expectedTokensPerPass(4, 0)).toBe(1);
+  });
+
+  it("vision: the folder's chunked encoder against the whole attention, per patch count, each in its own child", async () => {
+    const [file] = await runBench(["vision", ...common]);
+    const r = readResult(file!);
+    expectMachine(r);
+    expect(r.failures).toEqual({});
+    const [res] = r.results;
+    expect(res.dtype).toBe("int4");
+    expect(res.budget).toBe(1 << 24);
+    expect(res.points.map((p: { patches: number; chunks: number }) => [p.patches, p.chunks])).toEqual([[64, 1], [256, 1]]);
+    for (const p of res.points) {
+      expect(p.max_abs_diff).toBe(0); // one chunk at these sizes: the same computation
+      for (const g of [p.chunked, p.whole]) {
+        expect(g.ms).toHaveLength(1);
+        expect(g.patches).toBe(p.patches);
+        expect(positive(g.peak_rss_bytes) && g.peak_rss_bytes >= g.load_rss_bytes).toBe(true);
+      }
+      expect(positive(p.speedup)).toBe(true);
+    }
+    expect(readdirSync(join(work, "cache", "tiny")).some((f) => f.startsWith("vision-whole"))).toBe(false); // the peer is removed
+  }, 240_000);
+
+  it("vision: query rows per attention chunk as the graph computes them", () => {
+    expect(attentionChunks(256, 16, 1 << 24)).toEqual({ rows: 256, chunks: 1 });
+    expect(attentionChunks(1936, 16, 1 << 24)).toEqual({ rows: 541, chunks: 4 });
+    expect(attentionChunks(5476, 16, 1 << 24)).toEqual({ rows: 191, chunks: 29 });
+    expect(attentionChunks(65536, 16, 1 << 24)).toEqual({ rows: 16, chunks: 4096 });
+    expect(attentionChunks(288, 2, 2 * 37 * 288)).toEqual({ rows: 37, chunks: 8 });
+    expect(attentionChunks(100, 16, 1)).toEqual({ rows: 1, chunks: 100 });
   });
 
   it("concurrency --probe-image: the probe asks about another image at its own grid", async () => {

@@ -97,6 +97,22 @@ describe("convert CLI", () => {
     expect(o.out).toContain("--vision-int8, --no-vision-int8");
   });
 
+  it("--vision-attention-chunk sets the vision encoder's attention chunk, recorded in the manifest; a bad value is a usage error", async () => {
+    let o = io(false);
+    const dir = join(tmp, "fp32-chunk");
+    expect(await runConvertCli(["--model", TINY, "--out", dir, "--vision-attention-chunk", "4096", "--no-append-decoder"], o)).toBe(0);
+    expect(JSON.parse(readFileSync(join(dir, "manifest.json"), "utf8")).converter.options.vision_attention_chunk_elements).toBe(4096);
+    for (const bad of ["0", "1.5", "x"]) {
+      o = io(false);
+      expect(await runConvertCli(["--model", TINY, "--out", join(tmp, "c"), "--vision-attention-chunk", bad], o)).toBe(2);
+      expect(o.err).toMatch(/--vision-attention-chunk must be an integer ≥ 1/);
+    }
+    nothingWritten(join(tmp, "c"));
+    o = io(false);
+    expect(await runConvertCli(["--help"], o)).toBe(0);
+    expect(o.out).toContain("--vision-attention-chunk N");
+  });
+
   it("--w8a8 (int8 only): W8A8 decoder layers, W8A8 vision by default, said in the summary and the manifest", async () => {
     const w8 = join(tmp, "int8-w8a8");
     let o = io(false);

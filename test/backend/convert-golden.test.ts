@@ -109,6 +109,32 @@ describe("fp32 conversion of tiny-a", () => {
     expect(diff).toBeLessThanOrEqual(TOL);
   });
 
+  it("vision attention in chunks of query rows (a padded last chunk; one spanning case_05's two images): the same features", async () => {
+    const dir = join(tmp, "chunked");
+    // 2 heads: 2·37·288 scores per chunk = 37 rows at case_05's 288 patches (rows 222–258 hold both images' rows),
+    // 41 at 256 (7 chunks, 31 padded rows), 22 at 484, 63 at 168, 49 at 216.
+    const res = await convertModel({ model: TINY, outDir: dir, dtype: "fp32", appendDecoder: false, visionAttentionChunkElements: 2 * 37 * 288 });
+    expect(res.manifest.converter.options.vision_attention_chunk_elements).toBe(2 * 37 * 288);
+    expect(manifest.converter.options.vision_attention_chunk_elements).toBe(1 << 24);
+    const vision = await ort.InferenceSession.create(join(dir, "vision_encoder.onnx"), { intraOpNumThreads: 1 });
+    try {
+      for (const c of withImages) {
+        const grid = c.image_grid_thw!;
+        const feeds = {
+          pixel_values: new ort.Tensor("float32", loadGoldenF32(c.pixel_values!.file), c.pixel_values!.shape),
+          grid_thw: new ort.Tensor("int64", BigInt64Array.from(grid.flat().map(BigInt)), [grid.length, 3]),
+        };
+        const chunked = (await vision.run(feeds))["image_features"]!;
+        expect(chunked.dims, c.case).toEqual(c.image_embeds!.shape);
+        expect(maxAbsDiff(chunked.data as Float32Array, loadGoldenF32(c.image_embeds!.file)), c.case).toBeLessThanOrEqual(TOL);
+        expect(maxAbsDiff(chunked.data as Float32Array, (await model.imageFeatures(c)).data), `${c.case} vs one chunk`).toBeLessThanOrEqual(1e-6);
+      }
+    } finally {
+      await vision.release();
+    }
+    await expect(convertModel({ model: TINY, outDir: join(tmp, "bad-chunk"), visionAttentionChunkElements: 0 })).rejects.toMatchObject({ code: "bad_options" });
+  });
+
   it.each(cases.map((c) => [c.case, c] as const))("prefill and teacher-forced KV decode of %s match transformers", async (_, c) => {
     const fd = c.forced_decode;
     let worst = 0;

@@ -186,6 +186,50 @@ describe("tiny graph through onnxruntime", () => {
   });
 });
 
+describe("subgraphs (a Loop body)", () => {
+  /** y[i] = x · (i + 1) · w for i < n, stacked: the body reads x and w from the outer graph. */
+  function loopModel() {
+    const g = new GraphBuilder("loop");
+    const x = g.input("x", "float32", [2]);
+    const n = g.input("n", "int64", []);
+    const w = g.initializer("w", "float32", [2], new Uint8Array(Float32Array.from([10, -1]).buffer));
+    const body = g.subgraph("body");
+    const i = body.input("i", "int64", []);
+    const cond = body.input("cond", "bool", []);
+    const scale = body.op("Cast", [body.op("Add", [i, body.i64Scalar(1)])], { to: 1 });
+    body.output(cond, "cond_out", "bool", []);
+    body.output(body.op("Mul", [body.op("Mul", [x, w]), scale]), "row", "float32", [2]);
+    const y = g.op("Loop", [n, ""], { body: { graph: body.build() } });
+    g.output(y, "y", "float32", ["n", 2]);
+    return { g, body };
+  }
+
+  it("a Loop whose body reads outer values runs in onnxruntime", async () => {
+    const path = join(tmp, "loop.onnx");
+    await writeModel(path, loopModel().g.model());
+    const sess = await ort.InferenceSession.create(path);
+    try {
+      const out = await sess.run({ x: new ort.Tensor("float32", Float32Array.from([1, 2]), [2]), n: new ort.Tensor("int64", BigInt64Array.from([3n]), []) });
+      expect(out.y!.dims).toEqual([3, 2]);
+      expect(Array.from(out.y!.data as Float32Array)).toEqual([10, -2, 20, -4, 30, -6]);
+    } finally {
+      await sess.release();
+    }
+  });
+
+  it("body constants live in the outer graph; names are unique across scopes; body values stay inside", () => {
+    const { g, body } = loopModel();
+    expect(body.initializers).toEqual([]);
+    expect(g.initializers.map((t) => t.name)).toContain(body.i64Scalar(1));
+    expect(body.i64Scalar(1)).toBe(g.i64Scalar(1));
+    expect(body.has("x") && body.has("w")).toBe(true);
+    expect(g.has("i")).toBe(false);
+    expect(() => g.op("Neg", ["i"])).toThrow(/unknown input i/);
+    expect(() => body.input("x", "float32", [2])).toThrow(/defined twice/);
+    expect(() => g.input("cond", "bool", [])).toThrow(/defined twice/);
+  });
+});
+
 describe("graph builder errors", () => {
   it("names the node with an unknown input", () => {
     const g = new GraphBuilder("g");

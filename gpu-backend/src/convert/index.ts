@@ -29,7 +29,7 @@ import { type BuildOptions, CONVERT_DTYPES, type ConvertDtype, ConvertError, Mod
 import { LM_HEAD_SLICE_BYTES, type LmHeadMethod, buildDecoder } from "./decoder.ts";
 import { buildEmbedTokens } from "./embed.ts";
 import type { QuantConfig } from "./quantize.ts";
-import { buildVisionEncoder } from "./vision.ts";
+import { VISION_ATTENTION_CHUNK_ELEMENTS, buildVisionEncoder } from "./vision.ts";
 import { exists, isEmptyDir } from "../fs-util.ts";
 
 export { CONVERT_DTYPES, type ConvertDtype, ConvertError, type TensorSource } from "./common.ts";
@@ -81,8 +81,11 @@ export const MANIFEST_FORMAT_VERSION = 1;
  *    int8 with `w8a8` default to a W8A8 LM head (`lm_head.weight_I8`, MatMulInteger) instead of MatMulNBits.
  * 6: `decoder_model_append.onnx` takes `logits_to_keep` (int64 [1]): the logits of that many last positions,
  *    so that the engine can check a speculative draft in one pass.
+ * 7: the vision encoder's attention runs in chunks of query rows (a `Loop`; `visionAttentionChunkElements`,
+ *    manifest `converter.options.vision_attention_chunk_elements`): memory bounded for large images, the same
+ *    features.
  */
-export const CONVERTER_REVISION = 6;
+export const CONVERTER_REVISION = 7;
 
 /** Conversion progress, reported after every tensor. */
 export interface ConvertProgress {
@@ -129,6 +132,12 @@ export interface ConvertOptions {
    * int8 with `w8a8` (whose point is time to first token), false otherwise. Ignored for fp16.
    */
   visionInt8?: boolean;
+  /**
+   * The vision encoder's attention runs in chunks of query rows whose scores ([heads, rows, patches]) hold at
+   * most this many elements (default `VISION_ATTENTION_CHUNK_ELEMENTS`, 2²⁴): memory stays bounded for large
+   * images instead of growing with the square of the patches. Larger values mean fewer, larger chunks.
+   */
+  visionAttentionChunkElements?: number;
   /**
    * A float LM head (fp32/fp16, or int8/int4 with `lmHead: "float"`) above this many bytes becomes MatMuls
    * on vocabulary slices of at most about this size, concatenated: identical logits, and ONNX Runtime's
@@ -184,6 +193,8 @@ export interface GraphOptions {
   lm_head: LmHeadMethod;
   /** Vision blocks as W8A8 MatMulInteger. */
   vision_int8: boolean;
+  /** Most attention scores per chunk of query rows in the vision encoder. */
+  vision_attention_chunk_elements: number;
   last_logits_only: boolean;
   /** Largest float LM-head slice, bytes (0 = one MatMul). */
   lm_head_slice_bytes: number;
@@ -197,7 +208,10 @@ export interface GraphOptions {
  * {@link ConvertError} `bad_options`). What {@link convertModel} records as `converter.options`.
  */
 export function graphOptionsOf(
-  options: Pick<ConvertOptions, "dtype" | "quant" | "w8a8" | "lmHead" | "visionInt8" | "lastLogitsOnly" | "lmHeadSliceBytes" | "appendDecoder" | "externalData">,
+  options: Pick<
+    ConvertOptions,
+    "dtype" | "quant" | "w8a8" | "lmHead" | "visionInt8" | "visionAttentionChunkElements" | "lastLogitsOnly" | "lmHeadSliceBytes" | "appendDecoder" | "externalData"
+  >,
 ): GraphOptions {
   const dtype = options.dtype ?? "fp32";
   if (!CONVERT_DTYPES.includes(dtype)) throw new ConvertError("bad_options", `dtype must be one of ${CONVERT_DTYPES.join(", ")}, got ${JSON.stringify(dtype)}`);
@@ -208,6 +222,10 @@ export function graphOptionsOf(
   }
   const slice = options.lmHeadSliceBytes ?? LM_HEAD_SLICE_BYTES;
   if (!(Number.isFinite(slice) && slice >= 0)) throw new ConvertError("bad_options", `lmHeadSliceBytes must be a number of bytes ≥ 0, got ${slice}`);
+  const chunk = options.visionAttentionChunkElements ?? VISION_ATTENTION_CHUNK_ELEMENTS;
+  if (!(Number.isSafeInteger(chunk) && chunk >= 1)) {
+    throw new ConvertError("bad_options", `visionAttentionChunkElements must be an integer ≥ 1, got ${chunk}`);
+  }
   const ext = options.externalData ?? "auto";
   return {
     dtype,
@@ -215,6 +233,7 @@ export function graphOptionsOf(
     w8a8,
     lm_head: lmHeadOf(dtype, options.lmHead, w8a8),
     vision_int8: visionInt8Of(dtype, options.visionInt8, w8a8),
+    vision_attention_chunk_elements: chunk,
     last_logits_only: options.lastLogitsOnly ?? true,
     lm_head_slice_bytes: slice,
     append_decoder: options.appendDecoder ?? true,
@@ -365,6 +384,7 @@ export function buildGraphs(
     lastLogitsOnly?: boolean;
     lmHead?: LmHeadMethod;
     visionInt8?: boolean;
+    visionAttentionChunkElements?: number;
     w8a8?: boolean;
     lmHeadSliceBytes?: number;
     appendDecoder?: boolean;
@@ -390,7 +410,11 @@ export function buildGraphs(
       build,
     );
   return {
-    vision_encoder: graphModel("vision_encoder", (e) => buildVisionEncoder(e, config.vision, { int8: visionInt8 }), weights, build),
+    vision_encoder: graphModel("vision_encoder", (e) =>
+        buildVisionEncoder(e, config.vision, {
+          int8: visionInt8,
+          ...(opts.visionAttentionChunkElements !== undefined ? { attentionChunkElements: opts.visionAttentionChunkElements } : {}),
+        }), weights, build),
     embed_tokens: graphModel("embed_tokens", (e) => buildEmbedTokens(e), weights, build),
     decoder_model_merged: decoder("decoder_model_merged"),
     ...((opts.appendDecoder ?? true) ? { decoder_model_append: decoder("decoder_model_append") } : {}),
@@ -455,6 +479,7 @@ export async function convertModel(options: ConvertOptions): Promise<ConvertResu
       lastLogitsOnly: go.last_logits_only,
       lmHead: go.lm_head,
       visionInt8: go.vision_int8,
+      visionAttentionChunkElements: go.vision_attention_chunk_elements,
       w8a8: go.w8a8,
       lmHeadSliceBytes: go.lm_head_slice_bytes,
       appendDecoder: go.append_decoder,

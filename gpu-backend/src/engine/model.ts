@@ -83,7 +83,8 @@ async function readJson(path: string): Promise<Record<string, unknown>> {
   }
 }
 
-function sessionOptions(opts: EngineOptions): ort.InferenceSession.SessionOptions {
+/** The ONNX Runtime session options the engine opens every graph with. */
+export function sessionOptions(opts: EngineOptions): ort.InferenceSession.SessionOptions {
   const ep = opts.executionProvider ?? "cpu";
   return {
     executionProviders: ep === "cuda" ? ["cuda"] : ["cpu"],

@@ -53,29 +53,52 @@ function typedBytes(type: ElemType, values: ArrayLike<number | bigint>): Uint8Ar
   }
 }
 
+/** Names shared by a graph and its subgraphs: ONNX forbids a subgraph to redefine an outer name. */
+interface Names {
+  readonly tensors: Set<string>;
+  readonly nodes: Set<string>;
+  readonly constants: Map<string, Value>;
+  constCount: number;
+}
+
 /** Builds a GraphSpec. */
 export class GraphBuilder {
   readonly nodes: NodeSpec[] = [];
   readonly inputs: ValueInfoSpec[] = [];
   readonly outputs: ValueInfoSpec[] = [];
   readonly initializers: TensorSpec[] = [];
-  private readonly known = new Set<string>();
-  private readonly nodeNames = new Set<string>();
-  private readonly constCache = new Map<string, Value>();
-  private readonly scopes: string[] = [];
-  private constCount = 0;
+  /** Tensors defined in this graph (not in its outer graphs or subgraphs). */
+  private readonly local = new Set<string>();
+  private readonly names: Names;
+  private readonly scopes: string[];
 
-  constructor(readonly name: string) {}
+  /**
+   * @param parent for a subgraph (a `Loop` body): the graph whose values it may read. Its initializers
+   *   (constants included) are added to the outermost graph, which subgraphs see as outer scope.
+   */
+  constructor(
+    readonly name: string,
+    private readonly parent?: GraphBuilder,
+  ) {
+    this.names = parent?.names ?? { tensors: new Set(), nodes: new Set(), constants: new Map(), constCount: 0 };
+    this.scopes = parent ? [...parent.scopes] : [];
+  }
 
   private define(name: string, what: string): void {
     if (!name) throw new GraphBuildError(`${what}: empty tensor name`);
-    if (this.known.has(name)) throw new GraphBuildError(`${what}: tensor name ${name} is defined twice`);
-    this.known.add(name);
+    if (this.names.tensors.has(name)) throw new GraphBuildError(`${what}: tensor name ${name} is defined twice`);
+    this.names.tensors.add(name);
+    this.local.add(name);
   }
 
-  /** Whether a tensor of this name exists. */
+  /** Whether a tensor of this name is visible here (defined in this graph or an outer one). */
   has(name: string): boolean {
-    return this.known.has(name);
+    return this.local.has(name) || (this.parent?.has(name) ?? false);
+  }
+
+  /** A builder for a subgraph of this graph (see the constructor's `parent`). */
+  subgraph(name: string): GraphBuilder {
+    return new GraphBuilder(name, this);
   }
 
   /** Current scope prefix, e.g. `/model/layers.0/self_attn`. */
@@ -102,7 +125,7 @@ export class GraphBuilder {
 
   /** Declares a graph output named `name` carrying `value` (an Identity is inserted if names differ). */
   output(value: Value, name: string, type: ElemType, shape: Dim[] | null): Value {
-    if (!this.known.has(value)) throw new GraphBuildError(`graph output ${name}: unknown value ${value}`);
+    if (!this.has(value)) throw new GraphBuildError(`graph output ${name}: unknown value ${value}`);
     let v = value;
     if (value !== name) {
       const [out] = this.node("Identity", [value], {}, { outputs: [name], name: `/${name}/Identity` });
@@ -112,8 +135,9 @@ export class GraphBuilder {
     return v;
   }
 
-  /** Adds a named initializer (weights). */
+  /** Adds a named initializer (weights); a subgraph's go to the outermost graph. */
   initializer(name: string, type: ElemType, dims: number[], data: Uint8Array | DeferredBytes): Value {
+    if (this.parent) return this.parent.initializer(name, type, dims, data);
     this.define(name, "initializer");
     const expected = tensorByteLength(type, dims);
     if (data.byteLength !== expected) {
@@ -127,22 +151,22 @@ export class GraphBuilder {
   constant(type: ElemType, values: ArrayLike<number | bigint>, dims?: number[]): Value {
     const shape = dims ?? [values.length];
     const key = `${type}|${shape.join(",")}|${Array.from(values, String).join(",")}`;
-    const hit = this.constCache.get(key);
+    const hit = this.names.constants.get(key);
     if (hit) return hit;
-    const name = `/const/${type}_${this.constCount++}`;
+    const name = `/const/${type}_${this.names.constCount++}`;
     this.initializer(name, type, shape, typedBytes(type, values));
-    this.constCache.set(key, name);
+    this.names.constants.set(key, name);
     return name;
   }
 
   /** Constant from raw bytes (e.g. float16), deduplicated by content. */
   constantBytes(type: ElemType, bytes: Uint8Array, dims: number[]): Value {
     const key = `${type}|${dims.join(",")}|bytes:${Buffer.from(bytes).toString("base64")}`;
-    const hit = this.constCache.get(key);
+    const hit = this.names.constants.get(key);
     if (hit) return hit;
-    const name = `/const/${type}_${this.constCount++}`;
+    const name = `/const/${type}_${this.names.constCount++}`;
     this.initializer(name, type, dims, bytes);
-    this.constCache.set(key, name);
+    this.names.constants.set(key, name);
     return name;
   }
 
@@ -164,14 +188,14 @@ export class GraphBuilder {
   /** Appends a node; returns its output names. */
   node(opType: string, inputs: Value[], attributes: Record<string, AttrValue> = {}, opts: NodeOptions = {}): Value[] {
     let name = opts.name ?? `${this.scope}/${opType}`;
-    if (this.nodeNames.has(name)) {
+    if (this.names.nodes.has(name)) {
       let i = 1;
-      while (this.nodeNames.has(`${name}_${i}`)) i++;
+      while (this.names.nodes.has(`${name}_${i}`)) i++;
       name = `${name}_${i}`;
     }
-    this.nodeNames.add(name);
+    this.names.nodes.add(name);
     for (const i of inputs) {
-      if (i !== "" && !this.known.has(i)) throw new GraphBuildError(`node ${name} (${opType}): unknown input ${i}`);
+      if (i !== "" && !this.has(i)) throw new GraphBuildError(`node ${name} (${opType}): unknown input ${i}`);
     }
     const outs = Array.isArray(opts.outputs)
       ? opts.outputs

@@ -52,7 +52,8 @@ export type AttrValue =
   | string[]
   | { float: number }
   | { floats: number[] }
-  | { tensor: TensorSpec };
+  | { tensor: TensorSpec }
+  | { graph: GraphSpec };
 
 /** One node. `domain` empty = the default ONNX domain. Empty input name = omitted optional input. */
 export interface NodeSpec {
@@ -158,6 +159,8 @@ export function encodeAttribute(name: string, value: AttrValue): ProtoMessage {
     m.packedFloats(7, value.floats).varint(20, 6); // floats, FLOATS
   } else if ("tensor" in value) {
     m.message(5, encodeTensor(value.tensor)).varint(20, 4); // t, TENSOR
+  } else if ("graph" in value) {
+    m.message(6, encodeGraph(value.graph)).varint(20, 5); // g, GRAPH (a Loop body; its constants live in the outer graph)
   } else {
     throw new OnnxSpecError(`attribute ${name}: unsupported value`);
   }
