@@ -15,7 +15,7 @@ export async function concurrencySuite(opts: BenchOptions): Promise<{ file: stri
   let text = "";
   for (const [dtype, dir] of variants) {
     log(
-      `concurrency: ${dtype}, levels ${opts.levels.join(",")} × prefill chunks ${opts.prefillChunks.join(",")} × ${opts.rounds} round(s), ` +
+      `concurrency: ${dtype}, levels ${opts.levels.join(",")} × prefill chunks ${opts.prefillChunks.join(",")} × vision thread ${opts.visionThreads.map(Number).join(",")} × ${opts.rounds} round(s), ` +
         `maxBatch ${opts.maxBatch}, ${opts.tokens}+L tokens each`,
     );
     const args: ConcurrencyArgs = {
@@ -26,19 +26,21 @@ export async function concurrencySuite(opts: BenchOptions): Promise<{ file: stri
       tokens: opts.tokens,
       rounds: opts.rounds,
       prefillChunks: opts.prefillChunks,
+      visionThreads: opts.visionThreads,
       label: dtype,
       ...(opts.probeImage ? { probeImage: { path: opts.probeImage, maxPixels: opts.probeMaxPixels } } : {}),
     };
     try {
       const { result } = await runChild<ConcurrencyResult>("concurrency.ts", args, { timeoutS: opts.childTimeoutS });
       results.push(result);
-      // Per level and chunk setting: medians over rounds (TTFTs pooled over rounds).
+      // Per level and setting: medians over rounds (TTFTs pooled over rounds).
       const per = opts.levels.flatMap((level) =>
-        opts.prefillChunks.map((chunk) => {
-          const ls = result.levels.filter((l) => l.level === level && l.prefill_chunk === chunk);
+        opts.prefillChunks.flatMap((chunk) => opts.visionThreads.map((vt) => {
+          const ls = result.levels.filter((l) => l.level === level && l.prefill_chunk === chunk && l.vision_thread === vt);
           return {
             level,
             chunk,
+            vt,
             agg: spread(ls.map((l) => l.aggregate_decode_tok_s)),
             ttft: spread(ls.flatMap((l) => l.ttft_ms)),
             probe: spread(ls.map((l) => l.probe_ttft_ms)),
@@ -46,15 +48,16 @@ export async function concurrencySuite(opts: BenchOptions): Promise<{ file: stri
             itl: spread(ls.map((l) => l.itl_median_ms)),
             e2e: spread(ls.map((l) => l.end_to_end_tok_s)),
           };
-        }),
+        })),
       );
       summaries[dtype] = per;
-      const rows = [["streams", "prefill chunk", "agg decode tok/s", "× 1 stream", "per-stream tok/s", "TTFT median ms", "TTFT max ms", "probe TTFT ms", "× idle", "probe stall ms", "ITL median ms", "e2e tok/s"]];
+      const rows = [["streams", "prefill chunk", "vision", "agg decode tok/s", "× 1 stream", "per-stream tok/s", "TTFT median ms", "TTFT max ms", "probe TTFT ms", "× idle", "probe stall ms", "ITL median ms", "e2e tok/s"]];
       for (const l of per) {
-        const base = per.find((x) => x.level === 1 && x.chunk === l.chunk) ?? per[0]!;
+        const base = per.find((x) => x.level === 1 && x.chunk === l.chunk && x.vt === l.vt) ?? per[0]!;
         rows.push([
           String(l.level),
           l.chunk === 0 ? "whole" : String(l.chunk),
+          l.vt ? "own thread" : "engine's",
           opts.rounds > 1 ? fmtSpread(l.agg, 2) : fmt(l.agg.median, 2),
           `×${fmt(l.agg.median / base.agg.median, 2)}`,
           fmt(l.agg.median / l.level, 2),
@@ -78,6 +81,6 @@ export async function concurrencySuite(opts: BenchOptions): Promise<{ file: stri
   text +=
     "agg decode = tokens in the window where all streams decode together; probe = a request arriving when the first stream finishes; " +
     "probe stall = the longest gap between two tokens of a running stream during the probe's admission; ITL = gap between tokens; " +
-    "prefill chunk = the engine's prefillChunk (whole: the prompt in one turn); e2e = all tokens / wall time incl. prefills\n";
+    "prefill chunk = the engine's prefillChunk (whole: the prompt in one turn); vision = where the encoder runs (the engine's visionThread); e2e = all tokens / wall time incl. prefills\n";
   return finishSuite(opts, "concurrency", text, { machine, size: models.size, failures }, { results, summaries });
 }

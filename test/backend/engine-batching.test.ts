@@ -4,11 +4,12 @@
  * ends in exactly one terminal event.
  */
 import { join } from "node:path";
-import { describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { BatchingEngine, nextPrefillChunk } from "../../gpu-backend/src/engine/engine.ts";
 import type { EngineEvent } from "../../gpu-backend/src/engine/engine-types.ts";
-import { loadModel, releaseModel } from "../../gpu-backend/src/engine/model.ts";
-import { loadGoldenCases } from "../support/golden.ts";
+import { type LoadedModel, loadModel, releaseModel } from "../../gpu-backend/src/engine/model.ts";
+import { evalRequest, imageGrid } from "../../bench/lib/traces.ts";
+import { PROJECT_ROOT, loadGoldenCases } from "../support/golden.ts";
 import { useTinyModel } from "../support/tiny-model.ts";
 import { collect, requestFor, tokenIds } from "../support/engine-requests.ts";
 
@@ -204,4 +205,61 @@ describe("BatchingEngine", () => {
       await engine.close();
     });
   });
+});
+
+describe("BatchingEngine with the vision encoder in its own thread", () => {
+  let threaded: LoadedModel;
+  beforeAll(async () => {
+    threaded = await loadModel(join(tiny.dir, "onnx"), { intraOpThreads: 2, visionThread: true });
+  }, 60_000);
+  afterAll(async () => {
+    if (threaded) await releaseModel(threaded);
+  });
+
+  it("six concurrent requests (batch 4, prompts in chunks) reproduce the golden greedy ids", async () => {
+    expect(threaded.visionThread).toBe(true);
+    const engine = new BatchingEngine(threaded, { maxBatch: 4, prefillChunk: 32 });
+    const results = await Promise.all(cases.map((c, i) => collect(engine, requestFor(c, `t${i}`))));
+    results.forEach((events, i) => {
+      expect(tokenIds(events), cases[i]!.case).toEqual(cases[i]!.generated_ids);
+      expect(events.at(-1)).toMatchObject({ type: "done", usage: { completion_tokens: 24 } });
+    });
+    await engine.close();
+  });
+
+  it("a running stream keeps getting tokens while an arrival's image is encoded there, and none when the engine's thread encodes it", async () => {
+    const text = cases.find((c) => !c.image_grid_thw)!;
+    const big = await imageGrid(threaded, join(PROJECT_ROOT, "samples", "mdb146.png"), 12845056);
+    expect(big.grid).toEqual([1, 74, 74]); // 1369 image tokens: an encoding that takes many decode steps' time
+    const probeIds: number[][] = [];
+    for (const model of [tiny.model, threaded]) {
+      const engine = new BatchingEngine(model, { maxBatch: 2, prefillChunk: 0 });
+      let streamTokens = 0;
+      let atProbeStart = -1;
+      let atProbeFirst = -1;
+      const probe: Promise<EngineEvent[]> = new Promise((resolve) => {
+        const running = collect(engine, requestFor(text, "running", { max_new_tokens: 20_000 }), (ev) => {
+          if (ev.type !== "token" || ++streamTokens !== 2) return;
+          resolve(
+            collect(engine, evalRequest("probe", 3, big), (p) => {
+              if (p.type === "start") atProbeStart = streamTokens;
+              if (p.type === "token" && atProbeFirst < 0) {
+                atProbeFirst = streamTokens;
+                engine.cancel("running");
+              }
+            }),
+          );
+        });
+        void running;
+      });
+      const events = await probe;
+      expect(events.at(-1)).toMatchObject({ type: "done", usage: { image_tokens: 1369, completion_tokens: 3 } });
+      probeIds.push(tokenIds(events));
+      const during = atProbeFirst - atProbeStart;
+      if (model.visionThread) expect(during, "stream tokens while the probe was encoded and prefilled").toBeGreaterThan(0);
+      else expect(during).toBe(0); // the whole admission, encoder included, is one turn of the engine's thread
+      await engine.close();
+    }
+    expect(probeIds[1]).toEqual(probeIds[0]); // the thread's features give the same tokens
+  }, 120_000);
 });

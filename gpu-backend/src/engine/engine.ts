@@ -49,6 +49,8 @@ interface Live {
   gen?: Generation;
   startedAt?: number;
   imageTokens?: number;
+  /** Its vision encoder running in the model's vision thread while the others decode (see {@link BatchingEngine.prefillTurn}). */
+  encoding?: { promise: Promise<void>; done: boolean; failed: boolean; error?: unknown };
 }
 
 /** Maps any failure inside the engine to a public error code and a message without request content. */
@@ -210,9 +212,27 @@ export class BatchingEngine implements Engine {
     });
   }
 
-  /** One turn of the admitted request's prefill; with the prompt in, it emits the first token and joins the batch. */
+  /**
+   * One turn of the admitted request's prefill; with the prompt in, it emits the first token and joins the batch.
+   * With the vision encoder in its own thread and other sequences decoding, the images are encoded there while
+   * this thread goes on stepping them: each turn until the features are back only looks whether they are.
+   */
   private async prefillTurn(live: Live): Promise<void> {
     const seq = live.gen!.seq;
+    if (!live.encoding && !seq.prepared && this.model.visionThread && live.req.images.length > 0 && this.active.length > 0) {
+      const encoding: NonNullable<Live["encoding"]> = { promise: Promise.resolve(), done: false, failed: false };
+      encoding.promise = seq.prepare().then(
+        () => void (encoding.done = true),
+        (e: unknown) => void Object.assign(encoding, { done: true, failed: true, error: e }),
+      );
+      live.encoding = encoding;
+    }
+    if (live.encoding && !live.encoding.done) {
+      if (this.active.length > 0) return;
+      await live.encoding.promise; // nothing else to step: wait here (the thread stays free for messages)
+    }
+    if (live.encoding?.failed) throw live.encoding.error;
+    if (this.byId.get(live.req.id) !== live) return;
     const chunk = this.opts.prefillChunk ?? 0;
     let logits: Float32Array | null = null;
     if (chunk <= 0 || this.active.length === 0) logits = await seq.prefillNext();

@@ -14,6 +14,7 @@ import { modelFingerprint } from "../../../shared/src/fingerprint.ts";
 import { modelMetaFromFiles, type ModelMeta } from "../../../shared/src/model-meta.ts";
 import { type Embeddings, FileEmbeddings, SessionEmbeddings, locateEmbeddingTable } from "./embedding.ts";
 import type { KvContract } from "./kv-cache.ts";
+import { type VisionSession, VisionThread } from "./vision-thread.ts";
 import { CodedError } from "../../../shared/src/errors.ts";
 
 export type ExecutionProvider = "cpu" | "cuda";
@@ -37,6 +38,12 @@ export interface EngineOptions {
    * when the folder has that graph (our converter writes it), else `"present"` (e.g. another exporter's files).
    */
   kvCache?: KvContract;
+  /**
+   * Run the vision encoder in a worker thread of its own ({@link VisionThread}): while an image is encoded, the
+   * engine's thread keeps stepping the sequences already decoding instead of stopping them for the whole
+   * encoding. The two threads then share the cores. Default false (the encoder runs in the calling thread).
+   */
+  visionThread?: boolean;
 }
 
 /** Start-up failure of the engine; `code` is stable, the message says what to do. */
@@ -70,7 +77,9 @@ export interface LoadedModel {
    */
   logitsToKeep: boolean;
   /** `embed` is absent when the embeddings are read from the graph file (see {@link EngineOptions.embeddings}). */
-  sessions: { vision: ort.InferenceSession; embed?: ort.InferenceSession; decoder: ort.InferenceSession };
+  sessions: { vision: VisionSession; embed?: ort.InferenceSession; decoder: ort.InferenceSession };
+  /** The vision session runs in its own thread ({@link EngineOptions.visionThread}): awaiting it leaves this thread free. */
+  visionThread: boolean;
   /** `input_ids` → `inputs_embeds`. */
   embeddings: Embeddings;
 }
@@ -109,6 +118,14 @@ async function createSession(path: string, opts: EngineOptions): Promise<ort.Inf
       );
     }
     throw new EngineLoadError("bad_model", `cannot load ${path}: ${msg}`, { cause: e });
+  }
+}
+
+async function openVisionThread(path: string, opts: EngineOptions): Promise<VisionThread> {
+  try {
+    return await VisionThread.open(path, sessionOptions(opts));
+  } catch (e) {
+    throw new EngineLoadError("bad_model", `cannot load ${path} in the vision thread: ${(e as Error).message}`, { cause: e });
   }
 }
 
@@ -159,9 +176,10 @@ export async function loadModel(dir: string, opts: EngineOptions = {}): Promise<
     }
     if (table && (table.type !== ioFloatType || table.hidden !== config.text.hidden_size)) table = null;
   }
-  const vision = await createSession(join(dir, "vision_encoder.onnx"), opts);
   const embed = table ? undefined : await createSession(embedPath, opts);
   const decoder = await createSession(join(dir, kvCache === "append" ? "decoder_model_append.onnx" : "decoder_model_merged.onnx"), opts);
+  // Last: a thread that started would keep the process alive if a later session failed to load.
+  const vision = opts.visionThread ? await openVisionThread(join(dir, "vision_encoder.onnx"), opts) : await createSession(join(dir, "vision_encoder.onnx"), opts);
   const embeddings: Embeddings = table ? new FileEmbeddings(table) : new SessionEmbeddings(embed!, ioFloatType, config.text.hidden_size);
   return {
     dir,
@@ -174,6 +192,7 @@ export async function loadModel(dir: string, opts: EngineOptions = {}): Promise<
     kvCache,
     logitsToKeep: decoder.inputNames.includes("logits_to_keep"),
     sessions: { vision, ...(embed ? { embed } : {}), decoder },
+    visionThread: opts.visionThread ?? false,
     embeddings,
   };
 }

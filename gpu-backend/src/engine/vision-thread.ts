@@ -1,0 +1,120 @@
+/**
+ * The vision encoder's session in a worker thread of its own. onnxruntime-node's `run()` works on the calling
+ * thread until the result is ready, so an encoder run in the engine's thread stops every running stream for
+ * the whole encoding (tens of seconds for a large X-ray on a CPU). Here the engine's thread only posts the
+ * inputs and awaits the features, and keeps stepping the other sequences meanwhile (engine.ts).
+ */
+import { Worker } from "node:worker_threads";
+import * as ort from "onnxruntime-node";
+
+/** What the engine uses of a vision session: an in-thread `InferenceSession` or a {@link VisionThread}. */
+export interface VisionSession {
+  run(feeds: Record<string, ort.Tensor>): Promise<Record<string, ort.Tensor>>;
+  release(): Promise<void>;
+}
+
+/** A tensor as it crosses threads (structured clone). */
+interface WireTensor {
+  type: ort.Tensor.Type;
+  dims: readonly number[];
+  data: ort.Tensor.DataType;
+}
+
+type FromVision = { t: "ready" } | { t: "load_error"; message: string } | { t: "result"; id: number; outputs: Record<string, WireTensor> } | { t: "error"; id: number; message: string };
+
+/**
+ * The worker, as a script that only uses dynamic imports (workers evaluate it as a script or a module,
+ * depending on the process's flags). Results go back with their buffers transferred, not copied.
+ */
+const WORKER = `import("node:worker_threads").then(async ({ parentPort, workerData }) => {
+  const ort = await import(workerData.ort);
+  let session;
+  try {
+    session = await ort.InferenceSession.create(workerData.path, workerData.options);
+  } catch (e) {
+    parentPort.postMessage({ t: "load_error", message: String(e && e.message ? e.message : e) });
+    return;
+  }
+  parentPort.on("message", async ({ id, feeds }) => {
+    try {
+      const inputs = {};
+      for (const [k, v] of Object.entries(feeds)) inputs[k] = new ort.Tensor(v.type, v.data, v.dims);
+      const out = await session.run(inputs);
+      const outputs = {};
+      const buffers = [];
+      for (const [k, v] of Object.entries(out)) {
+        outputs[k] = { type: v.type, dims: v.dims, data: v.data };
+        buffers.push(v.data.buffer);
+      }
+      parentPort.postMessage({ t: "result", id, outputs }, buffers);
+    } catch (e) {
+      parentPort.postMessage({ t: "error", id, message: String(e && e.message ? e.message : e) });
+    }
+  });
+  parentPort.postMessage({ t: "ready" });
+}).catch((e) => { setImmediate(() => { throw e; }); });`;
+
+/** Thrown when the thread cannot load the graph, or stops. */
+export class VisionThreadError extends Error {
+  override readonly name = "VisionThreadError";
+}
+
+/** A vision encoder session running in its own worker thread; `run` resolves with the outputs in this thread. */
+export class VisionThread implements VisionSession {
+  private readonly pending = new Map<number, { resolve: (out: Record<string, ort.Tensor>) => void; reject: (e: Error) => void }>();
+  private nextId = 0;
+  private dead: Error | null = null;
+
+  private constructor(private readonly worker: Worker) {
+    worker.on("message", (m: FromVision) => {
+      if (m.t !== "result" && m.t !== "error") return;
+      const p = this.pending.get(m.id);
+      if (!p) return;
+      this.pending.delete(m.id);
+      if (m.t === "error") p.reject(new VisionThreadError(m.message));
+      else p.resolve(Object.fromEntries(Object.entries(m.outputs).map(([k, v]) => [k, new ort.Tensor(v.type, v.data as never, v.dims)])));
+    });
+    const stop = (why: Error) => {
+      this.dead ??= why;
+      for (const p of this.pending.values()) p.reject(this.dead);
+      this.pending.clear();
+    };
+    worker.on("error", (e) => stop(new VisionThreadError(`the vision thread failed: ${e.message}`)));
+    worker.on("exit", (code) => stop(new VisionThreadError(`the vision thread exited (${code})`)));
+  }
+
+  /** Starts the thread and loads `path` there with `options` (plain, cloneable session options). */
+  static async open(path: string, options: ort.InferenceSession.SessionOptions): Promise<VisionThread> {
+    const worker = new Worker(WORKER, { eval: true, workerData: { ort: import.meta.resolve("onnxruntime-node"), path, options } });
+    let onMessage!: (m: FromVision) => void;
+    let onError!: (e: Error) => void;
+    let onExit!: (code: number) => void;
+    const first = await new Promise<FromVision | Error>((resolve) => {
+      onMessage = resolve;
+      onError = resolve;
+      onExit = (code) => resolve(new VisionThreadError(`the vision thread exited (${code}) while loading`));
+      worker.on("message", onMessage).on("error", onError).on("exit", onExit);
+    });
+    worker.off("message", onMessage).off("error", onError).off("exit", onExit);
+    if (first instanceof Error || first.t !== "ready") {
+      await worker.terminate();
+      throw new VisionThreadError(first instanceof Error ? first.message : first.t === "load_error" ? first.message : "unexpected message");
+    }
+    return new VisionThread(worker);
+  }
+
+  run(feeds: Record<string, ort.Tensor>): Promise<Record<string, ort.Tensor>> {
+    if (this.dead) return Promise.reject(this.dead);
+    const id = this.nextId++;
+    const wire = Object.fromEntries(Object.entries(feeds).map(([k, t]) => [k, { type: t.type, dims: t.dims, data: t.data } satisfies WireTensor]));
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      this.worker.postMessage({ id, feeds: wire });
+    });
+  }
+
+  async release(): Promise<void> {
+    this.dead ??= new VisionThreadError("the vision thread was released");
+    await this.worker.terminate();
+  }
+}
