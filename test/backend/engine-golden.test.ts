@@ -4,7 +4,8 @@
  * the teacher-forced decode, exactly as the reference.
  */
 import { execFileSync } from "node:child_process";
-import { writeFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { DEFAULT_PARAMS } from "../../shared/src/wire.ts";
@@ -179,12 +180,28 @@ describe("npm run generate", () => {
   }, 120_000);
 });
 
-describe("execution provider", () => {
+describe("load errors", () => {
   it("asking for CUDA without its provider is a clear start-up error, never a silent CPU fallback", async () => {
     const err = await loadModel(join(tiny.dir, "onnx"), { executionProvider: "cuda" }).catch((e: unknown) => e);
     expect(err).toMatchObject({ name: "EngineLoadError", code: "provider_unavailable" });
     expect((err as Error).message).toMatch(/ONNXRUNTIME_NODE_INSTALL=cuda12/);
     expect((err as Error).message).toMatch(/EXECUTION_PROVIDER=cpu/);
+  });
+
+  it("a graph that cannot be loaded is bad_model naming the file, whether the encoder runs in its own thread or not", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "engine-bad-vision-"));
+    try {
+      for (const f of readdirSync(join(tiny.dir, "onnx"))) symlinkSync(join(tiny.dir, "onnx", f), join(dir, f));
+      rmSync(join(dir, "vision_encoder.onnx"));
+      writeFileSync(join(dir, "vision_encoder.onnx"), "not an onnx model");
+      for (const visionThread of [false, true]) {
+        const err = await loadModel(dir, { visionThread }).catch((e: unknown) => e);
+        expect(err, `visionThread ${visionThread}`).toMatchObject({ name: "EngineLoadError", code: "bad_model" });
+        expect((err as Error).message).toContain(join(dir, "vision_encoder.onnx"));
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 

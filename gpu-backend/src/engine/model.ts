@@ -107,17 +107,7 @@ async function createSession(path: string, opts: EngineOptions): Promise<ort.Inf
   try {
     return await ort.InferenceSession.create(path, sessionOptions(opts));
   } catch (e) {
-    const msg = (e as Error).message ?? String(e);
-    if (opts.executionProvider === "cuda") {
-      throw new EngineLoadError(
-        "provider_unavailable",
-        "the CUDA execution provider could not be loaded. Install onnxruntime-node with its CUDA 12 libraries " +
-          "(`ONNXRUNTIME_NODE_INSTALL=cuda12 npm ci`, or approve its install script) on a machine with an NVIDIA driver, " +
-          "CUDA 12 and cuDNN 9 (gpu-backend/Dockerfile does this), or set EXECUTION_PROVIDER=cpu. Cause: " + msg,
-        { cause: e },
-      );
-    }
-    throw new EngineLoadError("bad_model", `cannot load ${path}: ${msg}`, { cause: e });
+    throw loadError(path, e, opts);
   }
 }
 
@@ -125,8 +115,23 @@ async function openVisionThread(path: string, opts: EngineOptions): Promise<Visi
   try {
     return await VisionThread.open(path, sessionOptions(opts));
   } catch (e) {
-    throw new EngineLoadError("bad_model", `cannot load ${path} in the vision thread: ${(e as Error).message}`, { cause: e });
+    throw loadError(path, e, opts);
   }
+}
+
+/** A session that failed to load: with CUDA, the provider is the usual cause; otherwise the file. */
+function loadError(path: string, e: unknown, opts: EngineOptions): EngineLoadError {
+  const msg = (e as Error).message ?? String(e);
+  if (opts.executionProvider === "cuda") {
+    return new EngineLoadError(
+      "provider_unavailable",
+      "the CUDA execution provider could not be loaded. Install onnxruntime-node with its CUDA 12 libraries " +
+        "(`ONNXRUNTIME_NODE_INSTALL=cuda12 npm ci`, or approve its install script) on a machine with an NVIDIA driver, " +
+        "CUDA 12 and cuDNN 9 (gpu-backend/Dockerfile does this), or set EXECUTION_PROVIDER=cpu. Cause: " + msg,
+      { cause: e },
+    );
+  }
+  return new EngineLoadError("bad_model", `cannot load ${path}: ${msg}`, { cause: e });
 }
 
 /** Loads `dir` (a converter output folder) and creates its sessions (vision, decoder, and embed when needed). */
