@@ -3,15 +3,19 @@
  * golden (= single-sequence) ids token for token, requests join and leave between steps, and every request
  * ends in exactly one terminal event.
  */
+import { mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { BatchingEngine, nextPrefillChunk } from "../../gpu-backend/src/engine/engine.ts";
 import type { EngineEvent } from "../../gpu-backend/src/engine/engine-types.ts";
 import { type LoadedModel, loadModel, releaseModel } from "../../gpu-backend/src/engine/model.ts";
+import type { VisionThread } from "../../gpu-backend/src/engine/vision-thread.ts";
 import { evalRequest, imageGrid } from "../../bench/lib/traces.ts";
 import { PROJECT_ROOT, loadGoldenCases } from "../support/golden.ts";
 import { useTinyModel } from "../support/tiny-model.ts";
 import { collect, requestFor, tokenIds } from "../support/engine-requests.ts";
+import { waitFor } from "./server-harness.ts";
 
 const cases = loadGoldenCases();
 const tiny = useTinyModel("engine-batch-");
@@ -75,6 +79,23 @@ describe("BatchingEngine", () => {
     const events = await collect(engine, req);
     expect(events).toEqual([expect.objectContaining({ type: "error", code: "invalid_image" })]);
     await engine.close();
+  });
+
+  it("logits the runtime returns as NaN end the request as the engine's failure (internal_error), not the client's", async () => {
+    const m = await loadModel(join(tiny.dir, "onnx"), { intraOpThreads: 2 });
+    const decoder = m.sessions.decoder;
+    const run = decoder.run.bind(decoder);
+    // A fault in the runtime's output (e.g. an fp16 overflow on a GPU), injected where ONNX Runtime hands it over.
+    decoder.run = (async (...args: Parameters<typeof run>) => {
+      const out = await run(...args);
+      (out.logits!.data as Float32Array).fill(Number.NaN);
+      return out;
+    }) as typeof decoder.run;
+    const engine = new BatchingEngine(m, { maxBatch: 2 });
+    const events = await collect(engine, requestFor(cases[0]!, "nan"));
+    expect(events.at(-1)).toEqual({ type: "error", request_id: "nan", code: "internal_error", message: "the engine failed" });
+    await engine.close();
+    await releaseModel(m);
   });
 
   it("a stop string ends generation with finish_reason stop and is not emitted", async () => {
@@ -214,6 +235,44 @@ describe("BatchingEngine with the vision encoder in its own thread", () => {
   }, 60_000);
   afterAll(async () => {
     if (threaded) await releaseModel(threaded);
+  });
+
+  it("a thread that stops fails the encoding it was running, is started again, and serves the next request", async () => {
+    const vision = threaded.sessions.vision as VisionThread;
+    const engine = new BatchingEngine(threaded, { maxBatch: 2 });
+    const c = cases.find((k) => k.image_grid_thw)!;
+    // The crash is called as the request starts; its encoding is posted to the stopping thread right after.
+    const lost = await collect(engine, requestFor(c, "lost"), (ev) => void (ev.type === "start" && vision.crash()));
+    expect(lost.map((e) => e.type)).toEqual(["start", "error"]);
+    expect(lost.at(-1)).toMatchObject({ code: "internal_error", message: "the engine failed" });
+    const next = await collect(engine, requestFor(c, "next"));
+    expect(tokenIds(next)).toEqual(c.generated_ids);
+    expect(vision.failed).toBeNull();
+    expect(engine.stats().ready).toBe(true);
+    await engine.close();
+  });
+
+  it("a thread that cannot be started again leaves the engine not ready, failing image requests only", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "engine-vision-restart-"));
+    try {
+      for (const f of readdirSync(join(tiny.dir, "onnx"))) symlinkSync(join(tiny.dir, "onnx", f), join(dir, f));
+      const m = await loadModel(dir, { intraOpThreads: 2, visionThread: true });
+      const vision = m.sessions.vision as VisionThread;
+      const engine = new BatchingEngine(m, { maxBatch: 2 });
+      rmSync(join(dir, "vision_encoder.onnx"));
+      writeFileSync(join(dir, "vision_encoder.onnx"), "gone bad");
+      await vision.crash();
+      await waitFor(() => vision.failed !== null);
+      expect(engine.stats().ready).toBe(false);
+      const withImage = cases.find((k) => k.image_grid_thw)!;
+      expect((await collect(engine, requestFor(withImage, "img"))).at(-1)).toMatchObject({ type: "error", code: "internal_error" });
+      const text = cases.find((k) => !k.image_grid_thw)!;
+      expect(tokenIds(await collect(engine, requestFor(text, "txt")))).toEqual(text.generated_ids);
+      await engine.close();
+      await releaseModel(m);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it("six concurrent requests (batch 4, prompts in chunks) reproduce the golden greedy ids", async () => {

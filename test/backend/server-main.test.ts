@@ -106,4 +106,29 @@ describe("main", () => {
     for (const line of p.out) expect(() => JSON.parse(line)).not.toThrow();
     expect(p.out.join("\n")).toContain("shutdown: complete");
   });
+
+  it("when the engine worker dies, every live request still gets its final error before the process exits 1", async () => {
+    const modelDir = writeModel();
+    const meta = await readModelMeta(modelDir);
+    const p = runMain({ MODEL_DIR: modelDir, BACKEND_HMAC_SECRET: SECRET, BACKEND_PORT: "0" });
+    await waitFor(() => p.out.some((l) => l.includes('"listening"')) || p.child.exitCode !== null, 20_000);
+    const base = `http://127.0.0.1:${(JSON.parse(p.out.find((l) => l.includes('"listening"'))!) as { port: number }).port}`;
+    for (let i = 0; i < 200 && (await fetch(`${base}/readyz`)).status !== 200; i++) await new Promise((r) => setTimeout(r, 25));
+    const header = { model_fingerprint: meta.fingerprint };
+    const streaming = await postWire(base, wireRequest({ header: { ...header, request_id: rid("slow") } }));
+    expect(streaming.status).toBe(200);
+    const streamed = events(streaming);
+    const collected = postWire(base, wireRequest({ header: { ...header, request_id: rid("slow"), stream: false } }));
+    await new Promise((r) => setTimeout(r, 100));
+    const crashing = postWire(base, wireRequest({ header: { ...header, request_id: rid("crash"), stream: false } }));
+    const evs = await streamed;
+    expect(evs.at(-1)).toMatchObject({ type: "error", code: "internal_error" });
+    expect(evs.filter((e) => e.type === "error" || e.type === "done")).toHaveLength(1);
+    for (const res of [await collected, await crashing]) {
+      expect(res.status).toBe(500);
+      expect(await res.json()).toMatchObject({ error: { code: "internal_error" } });
+    }
+    expect(await p.exited).toBe(1);
+    expect(p.err.join("")).toContain("engine worker stopped unexpectedly");
+  });
 });

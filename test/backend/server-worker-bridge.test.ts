@@ -169,8 +169,10 @@ describe("worker bridge", () => {
       expect(evs[1]).toEqual({ type: "token", id: 0, text: "img0:64" });
       // sizes are logged as admitted, although the buffers now live in the worker
       await waitFor(() => logs.lines.some((l) => l.includes("generate finished")));
-      const finished = JSON.parse(logs.lines.find((l) => l.includes("generate finished"))!) as Record<string, unknown>;
-      expect(finished).toMatchObject({ request_id: wire.header.request_id, prompt_tokens: wire.inputIds.length, images: 1, image_bytes: 64 });
+      for (const what of ["generate admitted", "generate finished"]) {
+        const line = JSON.parse(logs.lines.find((l) => l.includes(what))!) as Record<string, unknown>;
+        expect(line, what).toMatchObject({ request_id: wire.header.request_id, prompt_tokens: wire.inputIds.length, images: 1, image_bytes: 64 });
+      }
 
       const ac = new AbortController();
       const slow = wireRequest({ header: { request_id: `slow-http-${Date.now()}` } });

@@ -7,7 +7,7 @@
  * pass, {@link BatchingEngineOptions.draftTokens}); finished sequences leave and admitted ones join between
  * steps. Implements the delivery rules of engine-types.ts.
  */
-import { ApiError, isErrorCode, type ErrorCode } from "../../../shared/src/errors.ts";
+import { ApiError, type ErrorCode } from "../../../shared/src/errors.ts";
 import { ImageDecodeError, preprocessImages } from "../preprocess/index.ts";
 import type { Engine, EngineEvent, EngineRequest, EngineStats } from "./engine-types.ts";
 import { CancelledError, GenerationError, decodeBatch } from "./generate.ts";
@@ -57,9 +57,9 @@ interface Live {
 function toError(e: unknown): { code: ErrorCode; message: string } {
   if (e instanceof ImageDecodeError || e instanceof ApiError) return { code: e.code as ErrorCode, message: e.message };
   if (e instanceof GenerationError) return { code: e.code, message: e.message };
-  if (e instanceof SamplingError || e instanceof StopConfigError) {
-    return { code: isErrorCode(e.code) ? e.code : "invalid_parameter", message: e.message };
-  }
+  if (e instanceof StopConfigError) return { code: e.code, message: e.message };
+  // Invalid logits (NaN, +Inf) fall through: the model's or the runtime's fault, never the request's.
+  if (e instanceof SamplingError && e.code === "invalid_parameter") return { code: e.code, message: e.message };
   if (e instanceof RopeIndexError) return { code: "invalid_request", message: e.message };
   return { code: "internal_error", message: "the engine failed" };
 }
@@ -114,7 +114,7 @@ export class BatchingEngine implements Engine {
   }
 
   stats(): EngineStats {
-    return { active: this.active.length + (this.prefilling ? 1 : 0), queued: this.waiting.length, capacity: this.opts.maxBatch, ready: !this.closed };
+    return { active: this.active.length + (this.prefilling ? 1 : 0), queued: this.waiting.length, capacity: this.opts.maxBatch, ready: !this.closed && !this.model.sessions.vision.failed };
   }
 
   async close(): Promise<void> {

@@ -11,6 +11,8 @@ import * as ort from "onnxruntime-node";
 export interface VisionSession {
   run(feeds: Record<string, ort.Tensor>): Promise<Record<string, ort.Tensor>>;
   release(): Promise<void>;
+  /** Set once the session can no longer run (a {@link VisionThread} that could not be started again). */
+  readonly failed?: Error | null;
 }
 
 /** A tensor as it crosses threads (structured clone). */
@@ -59,52 +61,39 @@ export class VisionThreadError extends Error {
   override readonly name = "VisionThreadError";
 }
 
-/** A vision encoder session running in its own worker thread; `run` resolves with the outputs in this thread. */
+/**
+ * A vision encoder session running in its own worker thread; `run` resolves with the outputs in this thread.
+ * A thread that stops (an uncaught error or out of memory in it) fails its pending runs and is started again
+ * for the next ones; only a restart that cannot load the graph leaves it {@link failed} for good.
+ */
 export class VisionThread implements VisionSession {
   private readonly pending = new Map<number, { resolve: (out: Record<string, ort.Tensor>) => void; reject: (e: Error) => void }>();
   private nextId = 0;
-  private dead: Error | null = null;
+  private released = false;
+  private restarting: Promise<void> | null = null;
+  private failure: Error | null = null;
 
-  private constructor(private readonly worker: Worker) {
-    worker.on("message", (m: FromVision) => {
-      if (m.t !== "result" && m.t !== "error") return;
-      const p = this.pending.get(m.id);
-      if (!p) return;
-      this.pending.delete(m.id);
-      if (m.t === "error") p.reject(new VisionThreadError(m.message));
-      else p.resolve(Object.fromEntries(Object.entries(m.outputs).map(([k, v]) => [k, new ort.Tensor(v.type, v.data as never, v.dims)])));
-    });
-    const stop = (why: Error) => {
-      this.dead ??= why;
-      for (const p of this.pending.values()) p.reject(this.dead);
-      this.pending.clear();
-    };
-    worker.on("error", (e) => stop(new VisionThreadError(`the vision thread failed: ${e.message}`)));
-    worker.on("exit", (code) => stop(new VisionThreadError(`the vision thread exited (${code})`)));
+  private constructor(
+    private worker: Worker,
+    private readonly path: string,
+    private readonly options: ort.InferenceSession.SessionOptions,
+  ) {
+    this.attach(worker);
   }
 
   /** Starts the thread and loads `path` there with `options` (plain, cloneable session options). */
   static async open(path: string, options: ort.InferenceSession.SessionOptions): Promise<VisionThread> {
-    const worker = new Worker(WORKER, { eval: true, workerData: { ort: import.meta.resolve("onnxruntime-node"), path, options } });
-    let onMessage!: (m: FromVision) => void;
-    let onError!: (e: Error) => void;
-    let onExit!: (code: number) => void;
-    const first = await new Promise<FromVision | Error>((resolve) => {
-      onMessage = resolve;
-      onError = resolve;
-      onExit = (code) => resolve(new VisionThreadError(`the vision thread exited (${code}) while loading`));
-      worker.on("message", onMessage).on("error", onError).on("exit", onExit);
-    });
-    worker.off("message", onMessage).off("error", onError).off("exit", onExit);
-    if (first instanceof Error || first.t !== "ready") {
-      await worker.terminate();
-      throw new VisionThreadError(first instanceof Error ? first.message : first.t === "load_error" ? first.message : "unexpected message");
-    }
-    return new VisionThread(worker);
+    return new VisionThread(await spawn(path, options), path, options);
+  }
+
+  /** Set when the thread stopped and could not be started again (or was released): every run rejects with it. */
+  get failed(): Error | null {
+    return this.failure;
   }
 
   run(feeds: Record<string, ort.Tensor>): Promise<Record<string, ort.Tensor>> {
-    if (this.dead) return Promise.reject(this.dead);
+    if (this.failure) return Promise.reject(this.failure);
+    if (this.restarting) return this.restarting.then(() => this.run(feeds));
     const id = this.nextId++;
     const wire = Object.fromEntries(Object.entries(feeds).map(([k, t]) => [k, { type: t.type, dims: t.dims, data: t.data } satisfies WireTensor]));
     return new Promise((resolve, reject) => {
@@ -114,7 +103,72 @@ export class VisionThread implements VisionSession {
   }
 
   async release(): Promise<void> {
-    this.dead ??= new VisionThreadError("the vision thread was released");
+    this.released = true;
+    this.failure ??= new VisionThreadError("the vision thread was released");
+    await this.restarting;
     await this.worker.terminate();
   }
+
+  /** Test hook: stops the thread as a crash in it would. */
+  async crash(): Promise<void> {
+    await this.worker.terminate();
+  }
+
+  private attach(worker: Worker): void {
+    worker.on("message", (m: FromVision) => {
+      if (m.t !== "result" && m.t !== "error") return;
+      const p = this.pending.get(m.id);
+      if (!p) return;
+      this.pending.delete(m.id);
+      if (m.t === "error") p.reject(new VisionThreadError(m.message));
+      else p.resolve(Object.fromEntries(Object.entries(m.outputs).map(([k, v]) => [k, new ort.Tensor(v.type, v.data as never, v.dims)])));
+    });
+    // "error" is followed by "exit"; either ends this worker once.
+    let stopped = false;
+    const stop = (why: string) => {
+      if (stopped || this.worker !== worker) return;
+      stopped = true;
+      const error = this.failure ?? new VisionThreadError(why);
+      for (const p of this.pending.values()) p.reject(error);
+      this.pending.clear();
+      if (!this.released) this.restart();
+    };
+    worker.on("error", (e) => stop(`the vision thread failed: ${e.message}`));
+    worker.on("exit", (code) => stop(`the vision thread exited (${code})`));
+  }
+
+  private restart(): void {
+    this.restarting = spawn(this.path, this.options).then(
+      (worker) => {
+        this.restarting = null;
+        if (this.released) return void worker.terminate();
+        this.worker = worker;
+        this.attach(worker);
+      },
+      (e: Error) => {
+        this.restarting = null;
+        this.failure ??= new VisionThreadError(`the vision thread stopped and could not be started again: ${e.message}`);
+      },
+    );
+  }
+}
+
+/** Starts a worker and waits until it has loaded `path`. */
+async function spawn(path: string, options: ort.InferenceSession.SessionOptions): Promise<Worker> {
+  const worker = new Worker(WORKER, { eval: true, workerData: { ort: import.meta.resolve("onnxruntime-node"), path, options } });
+  let onMessage!: (m: FromVision) => void;
+  let onError!: (e: Error) => void;
+  let onExit!: (code: number) => void;
+  const first = await new Promise<FromVision | Error>((resolve) => {
+    onMessage = resolve;
+    onError = resolve;
+    onExit = (code) => resolve(new VisionThreadError(`the vision thread exited (${code}) while loading`));
+    worker.on("message", onMessage).on("error", onError).on("exit", onExit);
+  });
+  worker.off("message", onMessage).off("error", onError).off("exit", onExit);
+  if (first instanceof Error || first.t !== "ready") {
+    await worker.terminate();
+    throw new VisionThreadError(first instanceof Error ? first.message : first.t === "load_error" ? first.message : "unexpected message");
+  }
+  return worker;
 }

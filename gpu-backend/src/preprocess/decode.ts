@@ -212,12 +212,6 @@ function isSharpPixelLimit(e: unknown): boolean {
   return e instanceof Error && /pixel limit/i.test(e.message);
 }
 
-/** sharp messages can quote file internals but never pixel data; keep only the first line, bounded. */
-function shortReason(e: unknown): string {
-  const msg = e instanceof Error ? e.message : String(e);
-  return msg.split("\n")[0]!.slice(0, 200);
-}
-
 /**
  * Decodes PNG / JPEG / WebP bytes to packed RGB with the reference's `Image.open` + `to_rgb` semantics
  * (see the module comment). Never throws anything but {@link ImageDecodeError}: `unsupported_media_type`
@@ -371,7 +365,8 @@ export async function decodeImage(bytes: Uint8Array, opts: DecodeOptions = {}): 
     if (isSharpPixelLimit(e)) {
       throw new ImageDecodeError("image_too_large", `image exceeds the limit of ${maxInputPixels} pixels`);
     }
-    throw new ImageDecodeError("invalid_image", `image could not be decoded: ${shortReason(e)}`);
+    // The decoder library's own words name its internals (libspng, VipsJpeg): the client gets a fixed message.
+    throw new ImageDecodeError("invalid_image", "the image could not be decoded (corrupt or truncated)");
   }
 }
 

@@ -268,7 +268,7 @@ export function createBackendApp(deps: BackendAppDeps): BackendApp {
       bytes_in: bytesIn,
       image_bytes: imageBytes,
       images: req.images.length,
-      prompt_tokens: req.inputIds.length,
+      prompt_tokens: header.input_ids_count, // (req.inputIds' buffer now belongs to the engine's thread)
       image_tokens: imageTokens,
       max_new_tokens: header.params.max_new_tokens,
       stream: header.stream,

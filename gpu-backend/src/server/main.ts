@@ -18,6 +18,9 @@ import { BackendConfigError, loadBackendConfig, readModelMeta, type Env } from "
 import { createLogger, type Logger } from "./log.ts";
 import { createWorkerEngine } from "./worker-bridge.ts";
 
+/** After the engine worker dies: how long the live requests' final errors get to reach their clients. */
+const CRASH_FLUSH_MS = 2_000;
+
 /** Where the lead's engine factory lives (`export function createEngine(config: BackendConfig): Engine | Promise<Engine>`). */
 export function engineModuleUrl(): URL {
   return new URL(`../engine/index.${import.meta.url.endsWith(".ts") ? "ts" : "js"}`, import.meta.url);
@@ -62,7 +65,8 @@ export async function shutdownBackend(p: {
 
 /**
  * Starts the backend from `env`; resolves once the server is listening (the model may still be loading).
- * Exits the process on fatal start-up errors and after a signal-driven shutdown. `engineModule` replaces
+ * Exits the process on fatal start-up errors, after a signal-driven shutdown, and (1) when the engine worker
+ * dies, once the live requests' final errors have gone out. `engineModule` replaces
  * the engine factory's module (tests run the process with a fake engine).
  */
 export async function main(env: Env = process.env, overrides: { engineModule?: URL } = {}): Promise<void> {
@@ -101,13 +105,18 @@ export async function main(env: Env = process.env, overrides: { engineModule?: U
   }
 
   const startedAt = Date.now();
+  let server: ServerType | undefined;
   const engine = createWorkerEngine({
     module: moduleUrl,
     options: config,
-    onExit: ({ code, error }) => fatal("engine worker stopped unexpectedly", { code: code ?? -1, error: error?.message ?? "exit" }),
+    onExit: ({ code, error }) => {
+      logger.log("error", "engine worker stopped unexpectedly", { code: code ?? -1, error: error?.name ?? "exit" });
+      // Every live request has its final error queued by now: let the responses go out, then exit.
+      void (server ? closeServer(server, CRASH_FLUSH_MS) : Promise.resolve()).finally(() => process.exit(1));
+    },
   });
   const app = createBackendApp({ engine, config, meta, logger });
-  const server = await new Promise<ServerType>((resolve) => {
+  server = await new Promise<ServerType>((resolve) => {
     const s = serve({ fetch: app.fetch, port: config.port, hostname: config.host }, (info) => {
       logger.log("info", "listening", { host: info.address, port: info.port, fingerprint: meta.fingerprint, execution_provider: config.executionProvider });
       resolve(s);
@@ -133,7 +142,7 @@ export async function main(env: Env = process.env, overrides: { engineModule?: U
     }
     stopping = true;
     logger.log("info", "shutdown: signal", { signal, in_flight: app.lifecycle.inFlight(), grace_ms: config.shutdownGraceMs });
-    shutdownBackend({ app, server, engine, graceMs: config.shutdownGraceMs, logger }).then(
+    shutdownBackend({ app, server: server!, engine, graceMs: config.shutdownGraceMs, logger }).then(
       () => process.exit(0),
       (e: Error) => fatal("shutdown failed", { error: e?.name ?? "error" }),
     );
