@@ -300,7 +300,33 @@ export function encodeEvent(ev: BackendEvent): string {
   return `${JSON.stringify(ev)}\n`;
 }
 
-/** Parses one NDJSON line into an event; malformed lines become a `backend_error` event. */
+const isCount = (x: unknown): boolean => Number.isSafeInteger(x) && (x as number) >= 0;
+const isObject = (x: unknown): x is Record<string, unknown> => typeof x === "object" && x !== null && !Array.isArray(x);
+
+/** The fields the edge reads from a start, token or done event have the types {@link BackendEvent} says. */
+function isWellFormed(o: Record<string, unknown>): boolean {
+  switch (o.type) {
+    case "start":
+      return typeof o.request_id === "string" && isCount(o.prompt_tokens) && isCount(o.image_tokens);
+    case "token":
+      return isCount(o.id) && typeof o.text === "string";
+    default: {
+      const u = o.usage;
+      return (
+        typeof o.text === "string" &&
+        (o.finish_reason === "stop" || o.finish_reason === "length") &&
+        isObject(u) &&
+        isCount(u.prompt_tokens) &&
+        isCount(u.image_tokens) &&
+        isCount(u.completion_tokens) &&
+        (u.completion_tokens_details === undefined || isObject(u.completion_tokens_details)) &&
+        isObject(o.timings)
+      );
+    }
+  }
+}
+
+/** Parses one NDJSON line into an event; malformed lines and events become a `backend_error` event. */
 export function parseEvent(line: string): BackendEvent {
   let o: Record<string, unknown>;
   try {
@@ -312,7 +338,7 @@ export function parseEvent(line: string): BackendEvent {
     case "start":
     case "token":
     case "done":
-      return o as unknown as BackendEvent;
+      return isWellFormed(o) ? (o as unknown as BackendEvent) : { type: "error", code: "backend_error", message: "malformed backend event" };
     case "error":
       return {
         type: "error",

@@ -293,6 +293,66 @@ describe("backend failures", () => {
     expect(await res.json()).toMatchObject({ error: { code: "invalid_image", message: "the image does not decode" } });
   });
 
+  it("a backend that fails (a proxy's 502 page) is skipped for the next one, and tried last while it is down", async () => {
+    backend
+      .script("http://b1.test", { kind: "response", make: () => new Response("<html>Bad gateway</html>", { status: 502, headers: { "content-type": "text/html" } }) })
+      .script("http://b2.test", { kind: "events", events: tokensDone(["<answer>C</answer>"]) });
+    for (let i = 0; i < 2; i++) {
+      const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), two);
+      expect(res.status).toBe(200);
+      expect(((await res.json()) as { answer: string }).answer).toBe("C");
+    }
+    expect(backend.requests.map((r) => r.url)).toEqual(["http://b1.test", "http://b2.test", "http://b2.test"]);
+  });
+
+  it("every backend failing → one 502 backend_error after trying each", async () => {
+    backend.script("default", { kind: "status", status: 500, body: { error: { code: "internal_error", message: "the engine failed" } } });
+    const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), two);
+    expect(res.status).toBe(502);
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe("backend_error");
+    expect(backend.requests).toHaveLength(2);
+  });
+
+  it("an error event after the 200 reaches the client as the backend's failure, unless it is a verdict on the request", async () => {
+    const failing = (code: string) => [...tokensDone(["<think>"]).slice(0, 2), { type: "error", code, message: `internals of ${code}` } as never];
+    for (const [code, status, expected] of [
+      ["invalid_signature", 502, "backend_error"],
+      ["invalid_request", 502, "backend_error"],
+      ["internal_error", 502, "backend_error"],
+      ["rate_limited", 502, "backend_error"],
+      ["invalid_image", 422, "invalid_image"],
+      ["backend_unavailable", 503, "backend_unavailable"],
+    ] as const) {
+      backend.script("default", { kind: "events", events: failing(code) });
+      const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }));
+      expect(res.status, code).toBe(status);
+      const body = (await res.json()) as { error: { code: string; message: string } };
+      expect(body.error.code, code).toBe(expected);
+      if (expected === "backend_error") expect(body.error.message).not.toContain("internals");
+      expect(res.headers.get("www-authenticate")).toBeNull();
+      const streamed = await (await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!, { stream: "true" }) }))).text();
+      expect(streamed.match(/event: error/g), code).toHaveLength(1);
+      expect(streamed).toContain(`"code":"${expected}"`);
+    }
+  });
+
+  it("a 200 without a body, or with a malformed done event, ends in 502 backend_error at once", async () => {
+    const malformedDone = '{"type":"done","text":"hi"}\n';
+    for (const make of [() => new Response(null, { status: 200 }), () => new Response(malformedDone, { status: 200 })]) {
+      backend.script("default", { kind: "response", make });
+      const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), { BACKEND_TIMEOUT_MS: "60000" });
+      expect(res.status).toBe(502);
+      expect(((await res.json()) as { error: { code: string } }).error.code).toBe("backend_error");
+      const chat = await call(
+        await authed("/v1/chat/completions", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ messages: [{ role: "user", content: "hi" }] }) }),
+      );
+      expect(chat.status).toBe(502);
+      const streamed = await (await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!, { stream: "true" }) }))).text();
+      expect(streamed.match(/event: error/g)).toHaveLength(1);
+      expect(streamed).toContain('"code":"backend_error"');
+    }
+  });
+
   it("backend timeout → 504", async () => {
     backend.script("default", { kind: "hang", events: [] });
     const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), { BACKEND_TIMEOUT_MS: "50" });

@@ -8,6 +8,7 @@ import {
   decodeWireRequest,
   encodeEvent,
   encodeWireRequest,
+  parseEvent,
   readEvents,
   signWireRequest,
   verifyWireSignature,
@@ -162,5 +163,25 @@ describe("backend events", () => {
     const got: BackendEvent[] = [];
     for await (const ev of readEvents(stream)) got.push(ev);
     expect(got.map((e) => e.type === "error" && e.code)).toEqual(["backend_error", "backend_error", "backend_error"]);
+  });
+
+  it("turns events whose fields are missing or mistyped into backend_error events", () => {
+    const usage = { prompt_tokens: 1, image_tokens: 0, completion_tokens: 1 };
+    const done = { type: "done", finish_reason: "stop", text: "hi", usage, timings: {} };
+    expect(parseEvent(JSON.stringify(done))).toEqual(done);
+    expect(parseEvent(JSON.stringify({ ...done, usage: { ...usage, completion_tokens_details: { accepted_prediction_tokens: 1, rejected_prediction_tokens: 0 } } })).type).toBe("done");
+    const malformed = [
+      { type: "done", text: "hi" },
+      { ...done, finish_reason: "eos" },
+      { ...done, text: 3 },
+      { ...done, usage: { ...usage, completion_tokens: "1" } },
+      { ...done, usage: null },
+      { ...done, timings: undefined },
+      { type: "token", id: -1, text: "a" },
+      { type: "token", id: 1.5, text: "a" },
+      { type: "token", id: 1 },
+      { type: "start", request_id: "r", prompt_tokens: "200", image_tokens: 0, queue_ms: 0 },
+    ];
+    for (const m of malformed) expect(parseEvent(JSON.stringify(m)), JSON.stringify(m)).toEqual({ type: "error", code: "backend_error", message: "malformed backend event" });
   });
 });

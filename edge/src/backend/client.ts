@@ -1,9 +1,9 @@
 /**
  * Calls the GPU backends: signs the wire request, picks the least-loaded healthy backend, fails over to the
- * next one when a backend cannot be reached or reports overload before answering, and maps every failure to a
- * stable error. The client's cancellation (`signal`) aborts the backend call, which stops the backend's work.
+ * next one when a backend cannot be reached, is overloaded or fails before answering, and maps every failure
+ * to a stable error. The client's cancellation (`signal`) aborts the backend call, which stops the backend's work.
  */
-import { ApiError } from "../../../shared/src/errors.ts";
+import { ApiError, type ErrorCode } from "../../../shared/src/errors.ts";
 import {
   GENERATE_PATH,
   LOAD_HEADER,
@@ -72,6 +72,30 @@ export function resetBackendState(): void {
   state.clear();
 }
 
+/** Codes a backend finds in the request itself (e.g. an image that does not decode): the client's to fix. */
+const REQUEST_VERDICTS: ReadonlySet<string> = new Set<ErrorCode>([
+  "invalid_image",
+  "too_many_image_tokens",
+  "context_length_exceeded",
+  "invalid_parameter",
+  "unsupported_media_type",
+  "image_too_large",
+]);
+
+/**
+ * What the client is told of an error a backend reported after answering 200 (an `error` event in its
+ * stream): its verdicts on the request and its busy/timeout states pass, with their meaning; anything else
+ * (a signature, model or engine fault) is the backend's failure, a 502 whose message reveals nothing of it.
+ */
+export function clientErrorOf(code: string, message: string): ApiError {
+  if (REQUEST_VERDICTS.has(code)) return new ApiError(code as ErrorCode, message || "the backend refused the request");
+  if (code === "backend_overloaded" || code === "backend_unavailable") {
+    return new ApiError(code, "the model is busy; retry later", { "Retry-After": "1" });
+  }
+  if (code === "backend_timeout") return new ApiError("backend_timeout", "the model did not finish in time");
+  return new ApiError("backend_error", "the model backend failed");
+}
+
 async function errorFromResponse(res: Response): Promise<ApiError> {
   let code: string | undefined;
   let message = "";
@@ -80,18 +104,16 @@ async function errorFromResponse(res: Response): Promise<ApiError> {
     code = body.error?.code;
     message = body.error?.message ?? "";
   } catch {
-    // not our JSON: fall through to the status mapping
+    // not our JSON (e.g. a proxy's error page): fall through to the status mapping
   }
-  // Client-side problems the backend found in the request itself (e.g. an image that does not decode).
-  if (res.status === 422 && code && ["invalid_image", "too_many_image_tokens", "context_length_exceeded", "invalid_parameter", "unsupported_media_type", "image_too_large"].includes(code)) {
-    return new ApiError(code as "invalid_image", message || "the backend refused the request");
-  }
+  if (res.status === 422 && code && REQUEST_VERDICTS.has(code)) return clientErrorOf(code, message);
   if (res.status === 503) {
     const retryAfter = res.headers.get("retry-after") ?? "1";
     return new ApiError("backend_overloaded", "the model is busy; retry later", { "Retry-After": retryAfter });
   }
   if (res.status === 504) return new ApiError("backend_timeout", "the model did not answer in time");
-  // 401/409/400 mean the edge and backend disagree (keys, model version): a server fault, not the client's.
+  // 401/409/400 mean the edge and this backend disagree (keys, model version), 5xx/404 that it (or the proxy
+  // in front of it) failed: a server fault, not the client's.
   return new ApiError("backend_error", `the model backend failed (${res.status}${code ? ` ${code}` : ""})`);
 }
 
@@ -104,8 +126,8 @@ export interface BackendCall {
 
 /**
  * Sends the request; resolves with the first backend response that is OK (2xx), whose body the caller reads.
- * Retries on the next backend for connection failures and 503 overload; a definite answer (other errors) is
- * final. The timeout covers the whole call, headers and body (it is also the deadline sent to the backend).
+ * Retries on the next backend when one cannot be reached, is overloaded (503) or fails (any other error but
+ * a verdict on the request or a timeout, which are final; nothing was generated yet, so a retry is safe). The timeout covers the whole call, headers and body (it is also the deadline sent to the backend).
  */
 export async function callBackend(
   config: EdgeConfig,
@@ -149,8 +171,11 @@ export async function callBackend(
       lastError = err;
       continue;
     }
+    // A verdict on the request, or its deadline spent, is final; a backend that failed is skipped for a while.
+    if (err.code === "backend_timeout" || REQUEST_VERDICTS.has(err.code)) throw err;
     log("warn", "backend error", { request_id: req.header.request_id, backend: url, status: res.status, code: err.code, attempt });
-    throw err;
+    markDown(url);
+    lastError = err;
   }
   throw lastError;
 }

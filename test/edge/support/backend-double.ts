@@ -26,6 +26,8 @@ export type Script =
   | { kind: "events"; events: BackendEvent[]; delayMs?: number; load?: string }
   | { kind: "status"; status: number; body?: unknown; headers?: Record<string, string> }
   | { kind: "unreachable" }
+  /** Any response, e.g. a proxy's HTML error page or a body-less 200. */
+  | { kind: "response"; make: () => Response }
   /** Streams `events`, then keeps the connection open until the request is aborted. */
   | { kind: "hang"; events: BackendEvent[] };
 
@@ -77,6 +79,7 @@ export class BackendDouble {
     const signal = init?.signal ?? null;
     this.requests.push({ url: base, wire, signal });
     signal?.addEventListener("abort", () => this.aborted.push(wire.header.request_id));
+    if (s.kind === "response") return s.make();
     if (s.kind === "status") {
       return Response.json(s.body ?? { error: { code: "internal_error", message: "x" } }, { status: s.status, headers: s.headers });
     }
