@@ -16,6 +16,8 @@ export interface EdgeConfig {
   maxPixels: number;
   maxImageTokens: number;
   maxQuestionChars: number;
+  /** The chat route's bound on all its messages' text, checked before tokenizing (whose cost grows faster than the text). */
+  maxPromptChars: number;
   maxNewTokensDefault: number;
   maxNewTokensCap: number;
 }
@@ -60,6 +62,9 @@ export function loadConfig(env: EdgeEnv): EdgeConfig {
     maxPixels: int(env, "MAX_PIXELS", 12_845_056),
     maxImageTokens: int(env, "MAX_IMAGE_TOKENS", 16_384),
     maxQuestionChars: int(env, "MAX_QUESTION_CHARS", 4000),
+    // 128 Ki characters: prose at ~3.4 characters per token fills the 32768-token context well before it, and the
+    // worst text for BPE (one run of a letter or of spaces) tokenizes in ≤ 0.5 s at this size.
+    maxPromptChars: int(env, "MAX_PROMPT_CHARS", 131_072),
     maxNewTokensDefault: int(env, "MAX_NEW_TOKENS_DEFAULT", 1024),
     maxNewTokensCap: int(env, "MAX_NEW_TOKENS_CAP", 2048),
   };

@@ -35,6 +35,7 @@ export interface EdgeEnv {
   MAX_PIXELS?: string;
   MAX_IMAGE_TOKENS?: string;
   MAX_QUESTION_CHARS?: string;
+  MAX_PROMPT_CHARS?: string;
   MAX_NEW_TOKENS_DEFAULT?: string;
   MAX_NEW_TOKENS_CAP?: string;
   MODEL_ID?: string;

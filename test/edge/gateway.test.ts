@@ -188,6 +188,27 @@ describe("POST /v1/chat/completions", () => {
     expect(backend.requests).toHaveLength(0);
   });
 
+  it("refuses text over MAX_PROMPT_CHARS before tokenizing it, counting every message", async () => {
+    const chat = async (messages: unknown, env: Record<string, string> = {}) =>
+      call(await authed("/v1/chat/completions", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ messages }) }), env);
+    const res = await chat([{ role: "user", content: "a".repeat(131_073) }]);
+    expect(res.status).toBe(422);
+    expect(await res.json()).toMatchObject({ error: { code: "context_length_exceeded", message: "the messages' text is 131073 characters; the limit is 131072" } });
+    const small = { MAX_PROMPT_CHARS: "10" };
+    expect((await chat([{ role: "system", content: "be brief" }, { role: "user", content: [{ type: "text", text: "hi!" }] }], small)).status).toBe(422);
+    expect(backend.requests).toHaveLength(0);
+    expect((await chat([{ role: "system", content: "be brief" }, { role: "user", content: "hi" }], small)).status).toBe(200);
+  });
+
+  it("refuses a body that is not declared as JSON with 415, unread", async () => {
+    for (const headers of [{ "content-type": "text/plain" }, {}] as Record<string, string>[]) {
+      const res = await call(await authed("/v1/chat/completions", { method: "POST", headers, body: JSON.stringify({ messages: [{ role: "user", content: "hi" }] }) }));
+      expect(res.status).toBe(415);
+      expect(((await res.json()) as { error: { code: string } }).error.code).toBe("unsupported_media_type");
+    }
+    expect(backend.requests).toHaveLength(0);
+  });
+
   it("refuses bad parameters with 422 invalid_parameter", async () => {
     for (const extra of [{ temperature: 5 }, { max_tokens: 0 }, { n: 2 }, { top_p: 0 }, { seed: 1.5 }, { stop: [""] }]) {
       const res = await call(

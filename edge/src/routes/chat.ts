@@ -96,6 +96,11 @@ export async function chatHandler(c: Context<AppEnv>): Promise<Response> {
   const config = loadConfig(c.env);
   const requestId = c.get("requestId");
   const limits = vqaLimits(config);
+  const essence = (c.req.header("content-type") ?? "").split(";")[0]!.trim().toLowerCase();
+  if (essence !== "application/json") {
+    await c.req.raw.body?.cancel().catch(() => {}); // refused before reading anything
+    throw new ApiError("unsupported_media_type", "Content-Type must be application/json");
+  }
   // Images travel base64 inside the JSON (4/3 larger): allow for that plus the text.
   const raw = await readBodyLimited(c.req.raw, Math.ceil(config.maxUploadBytes * 1.4) + 256 * 1024);
   let body: unknown;
@@ -108,6 +113,10 @@ export async function chatHandler(c: Context<AppEnv>): Promise<Response> {
   const texts = req.messages.flatMap((m) =>
     typeof m.content === "string" ? [m.content] : m.content.flatMap((p) => (typeof p.text === "string" ? [p.text] : [])),
   );
+  const chars = texts.reduce((n, t) => n + t.length, 0);
+  if (chars > config.maxPromptChars) {
+    throw new ApiError("context_length_exceeded", `the messages' text is ${chars} characters; the limit is ${config.maxPromptChars}`);
+  }
   assertNoSpecialTokens(texts);
   const images: InputImage[] = req.imageUris.map((uri) => {
     const { bytes, declaredMime } = decodeDataUri(uri, limits.maxUploadBytes);
