@@ -6,7 +6,7 @@ import { goldenForWorkers } from "./test/support/golden.ts";
 export const EDGE_TEST_BINDINGS = {
   JWT_HS256_SECRET: "test-hs256-secret-0123456789abcdef0123456789abcdef",
   BACKEND_HMAC_SECRET: "test-backend-hmac-secret-0123456789abcdef",
-  BACKEND_URLS: "http://backend.test",
+  BACKEND_URLS: "https://backend.test",
 };
 
 export default defineConfig({

@@ -124,7 +124,7 @@ childMain(async () => {
   const env = {
     ...readWranglerVars(join(ROOT, "wrangler.toml")),
     ...readDevVars(join(ROOT, ".dev.vars")),
-    BACKEND_URLS: "http://backend.double",
+    BACKEND_URLS: "https://backend.double",
     JWT_PUBLIC_JWK: JSON.stringify(jwk),
     RATE_LIMITER: limiter,
   };

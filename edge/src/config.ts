@@ -45,9 +45,7 @@ export function loadConfig(env: EdgeEnv): EdgeConfig {
     .map((s) => s.trim().replace(/\/+$/, ""))
     .filter(Boolean);
   if (backendUrls.length === 0) throw new ConfigError("BACKEND_URLS is empty");
-  for (const u of backendUrls) {
-    if (!/^https?:\/\/[^\s/]+/.test(u)) throw new ConfigError("BACKEND_URLS holds an invalid URL");
-  }
+  for (const u of backendUrls) checkBackendUrl(u);
   if (!env.BACKEND_HMAC_SECRET || env.BACKEND_HMAC_SECRET.length < 16) {
     throw new ConfigError("BACKEND_HMAC_SECRET must be set (at least 16 characters)");
   }
@@ -72,6 +70,19 @@ export function loadConfig(env: EdgeEnv): EdgeConfig {
   if (config.maxNewTokensDefault > config.maxNewTokensCap) throw new ConfigError("MAX_NEW_TOKENS_DEFAULT exceeds MAX_NEW_TOKENS_CAP");
   cache.set(env, config);
   return config;
+}
+
+/** Medical images must not cross a network in cleartext: `http://` only to this machine (local development). */
+function checkBackendUrl(u: string): void {
+  let url: URL;
+  try {
+    url = new URL(u);
+  } catch {
+    throw new ConfigError("BACKEND_URLS holds an invalid URL");
+  }
+  const loopback = url.hostname === "localhost" || url.hostname === "[::1]" || /^127\.\d+\.\d+\.\d+$/.test(url.hostname);
+  if (url.protocol === "https:" || (url.protocol === "http:" && loopback)) return;
+  throw new ConfigError("BACKEND_URLS must use https:// (http:// only for localhost)");
 }
 
 /** What a client sees for a configuration error: a stable code, no internals. */

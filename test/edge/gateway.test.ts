@@ -6,6 +6,7 @@ import { createExecutionContext, env, waitOnExecutionContext } from "cloudflare:
 import { afterEach, beforeEach, describe, expect, inject, it } from "vitest";
 import app from "../../edge/src/index.ts";
 import { resetBackendState } from "../../edge/src/backend/client.ts";
+import { ConfigError, loadConfig } from "../../edge/src/config.ts";
 import { BackendDouble, tokensDone } from "./support/backend-double.ts";
 import { b64ToBytes, questionAndOptions, token } from "./support/tokens.ts";
 
@@ -265,24 +266,24 @@ describe("streaming /v1/vqa", () => {
 });
 
 describe("backend failures", () => {
-  const two = { BACKEND_URLS: "http://b1.test,http://b2.test" };
+  const two = { BACKEND_URLS: "https://b1.test,https://b2.test" };
 
   it("fails over to the next backend when one is unreachable", async () => {
-    backend.script("http://b1.test", { kind: "unreachable" }).script("http://b2.test", { kind: "events", events: tokensDone(["<answer>C</answer>"]) });
+    backend.script("https://b1.test", { kind: "unreachable" }).script("https://b2.test", { kind: "events", events: tokensDone(["<answer>C</answer>"]) });
     const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), two);
     expect(res.status).toBe(200);
     expect(((await res.json()) as { answer: string }).answer).toBe("C");
-    expect(backend.requests.map((r) => r.url)).toEqual(["http://b2.test"]);
+    expect(backend.requests.map((r) => r.url)).toEqual(["https://b2.test"]);
   });
 
   it("prefers the backend that reported the lower load", async () => {
     backend
-      .script("http://b1.test", { kind: "events", events: tokensDone(["x"]), load: "active=8;queued=4;capacity=8" })
-      .script("http://b2.test", { kind: "events", events: tokensDone(["y"]), load: "active=0;queued=0;capacity=8" });
+      .script("https://b1.test", { kind: "events", events: tokensDone(["x"]), load: "active=8;queued=4;capacity=8" })
+      .script("https://b2.test", { kind: "events", events: tokensDone(["y"]), load: "active=0;queued=0;capacity=8" });
     await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), two);
     await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), two);
     await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), two);
-    expect(backend.requests.map((r) => r.url)).toEqual(["http://b1.test", "http://b2.test", "http://b2.test"]);
+    expect(backend.requests.map((r) => r.url)).toEqual(["https://b1.test", "https://b2.test", "https://b2.test"]);
   });
 
   it("all backends overloaded → 503 backend_overloaded with Retry-After", async () => {
@@ -316,14 +317,14 @@ describe("backend failures", () => {
 
   it("a backend that fails (a proxy's 502 page) is skipped for the next one, and tried last while it is down", async () => {
     backend
-      .script("http://b1.test", { kind: "response", make: () => new Response("<html>Bad gateway</html>", { status: 502, headers: { "content-type": "text/html" } }) })
-      .script("http://b2.test", { kind: "events", events: tokensDone(["<answer>C</answer>"]) });
+      .script("https://b1.test", { kind: "response", make: () => new Response("<html>Bad gateway</html>", { status: 502, headers: { "content-type": "text/html" } }) })
+      .script("https://b2.test", { kind: "events", events: tokensDone(["<answer>C</answer>"]) });
     for (let i = 0; i < 2; i++) {
       const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), two);
       expect(res.status).toBe(200);
       expect(((await res.json()) as { answer: string }).answer).toBe("C");
     }
-    expect(backend.requests.map((r) => r.url)).toEqual(["http://b1.test", "http://b2.test", "http://b2.test"]);
+    expect(backend.requests.map((r) => r.url)).toEqual(["https://b1.test", "https://b2.test", "https://b2.test"]);
   });
 
   it("every backend failing → one 502 backend_error after trying each", async () => {
@@ -379,6 +380,18 @@ describe("backend failures", () => {
     const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), { BACKEND_TIMEOUT_MS: "50" });
     expect(res.status).toBe(504);
     expect(((await res.json()) as { error: { code: string } }).error.code).toBe("backend_timeout");
+  });
+});
+
+describe("configuration", () => {
+  it("backend URLs must be https, http only to this machine: medical images never cross a network in cleartext", async () => {
+    const urls = (u: string) => () => loadConfig({ ...env, BACKEND_URLS: u });
+    for (const ok of ["https://medvlm-backend-eu.example.com", "http://127.0.0.1:8788", "http://localhost:8788/", "http://[::1]:8788"]) expect(urls(ok), ok).not.toThrow();
+    for (const bad of ["http://medvlm-backend.example.com", "http://127.0.0.1.evil.example", "ftp://127.0.0.1", "not a url"]) expect(urls(bad), bad).toThrow(ConfigError);
+    const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), { BACKEND_URLS: "http://backend.example.com" });
+    expect(res.status).toBe(500);
+    expect(await res.json()).toMatchObject({ error: { code: "internal_error", message: "the service is misconfigured" } });
+    expect(backend.requests).toHaveLength(0);
   });
 });
 
