@@ -30,6 +30,8 @@ export const ERROR_STATUS = {
   internal_error: 500,
   backend_error: 502,
   backend_unavailable: 503,
+  /** The token issuer's keys (JWKS) cannot be fetched: nothing is wrong with the token; retry. */
+  auth_unavailable: 503,
   backend_overloaded: 503,
   backend_timeout: 504,
 } as const;

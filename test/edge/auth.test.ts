@@ -340,11 +340,13 @@ describe("remote JWKS", () => {
     expect(server.fetches).toBe(1);
   });
 
-  it("an unreachable or broken JWKS → 500 internal_error, not 401", async () => {
+  it("an unreachable or broken JWKS → 503 auth_unavailable with Retry-After, not 401 (the token may be fine)", async () => {
     const { server, fetchImpl } = jwksServer([]);
     server.status = 503;
     const token = await sign(es256.privateKey, "ES256", {}, "k1");
-    const text = await expectFailure(await call(appWith(jwksOptions(fetchImpl)), `Bearer ${token}`), 500, "internal_error", null);
+    const res = await call(appWith(jwksOptions(fetchImpl)), `Bearer ${token}`);
+    expect(res.headers.get("Retry-After")).toBe("5");
+    const text = await expectFailure(res, 503, "auth_unavailable", null);
     expect(text).not.toContain("issuer.test");
     expect(errorLog).toHaveBeenCalledTimes(1);
     expect(String(errorLog.mock.calls[0]?.[0])).not.toContain(token);
@@ -352,7 +354,7 @@ describe("remote JWKS", () => {
     const throwing: JwksFetch = async () => {
       throw new TypeError("network down");
     };
-    await expectFailure(await call(appWith(jwksOptions(throwing)), `Bearer ${token}`), 500, "internal_error", null);
+    await expectFailure(await call(appWith(jwksOptions(throwing)), `Bearer ${token}`), 503, "auth_unavailable", null);
   });
 });
 

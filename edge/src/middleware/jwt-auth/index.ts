@@ -78,7 +78,8 @@ function misconfigured(reason: string): MiddlewareHandler<JwtAuthEnv> {
  * - 401 `missing_token`, `WWW-Authenticate: Bearer realm="medvlm"` (no Bearer credentials);
  * - 401 `invalid_token` / `token_expired`, `Bearer realm="medvlm", error="invalid_token", error_description="…"`;
  * - 403 `insufficient_scope`, `Bearer realm="medvlm", error="insufficient_scope", scope="vqa"`;
- * - 500 `internal_error` for a rejected configuration or an unreachable JWKS (details are logged, not sent).
+ * - 503 `auth_unavailable` with `Retry-After` when the JWKS cannot be fetched (the cause is logged, not sent);
+ * - 500 `internal_error` for a rejected configuration.
  *
  * Never throws at construction: a bad configuration yields a middleware that answers 500.
  */
@@ -105,6 +106,7 @@ export function jwtAuth(options: JwtAuthOptions): MiddlewareHandler<JwtAuthEnv> 
       auth = { subject: claims.sub, scopes, subjectHash: await subjectHash(claims.iss, claims.sub) };
     } catch (err) {
       const failure = err instanceof JwtAuthError ? err : new JwtAuthError("internal_error", INTERNAL_MESSAGE);
+      if (failure.code === "auth_unavailable") console.error(`jwt-auth: key source unavailable (${rootKind(err)})`);
       if (failure.code === "internal_error") {
         console.error(`jwt-auth: ${failure.message === INTERNAL_MESSAGE ? "unexpected error" : failure.message} (${rootKind(err)})`);
         throw toHttpException(new JwtAuthError("internal_error", INTERNAL_MESSAGE), config.realm);

@@ -4,7 +4,7 @@
  * `aud` and `sub`, with every failure mapped to a stable code and a fixed description.
  */
 import { decodeProtectedHeader, errors, jwtVerify, type JWTPayload } from "jose";
-import { JwtAuthError } from "./failure.ts";
+import { JwtAuthError, KEYS_UNAVAILABLE_MESSAGE } from "./failure.ts";
 import { KeySourceError, type KeySources } from "./keys.ts";
 import type { ResolvedJwtAuthConfig } from "./options.ts";
 
@@ -38,7 +38,7 @@ function describeClaimFailure(claim: string): string {
 /** Maps what jose (or a key source) threw to the middleware's failure. */
 function classify(err: unknown): JwtAuthError {
   if (err instanceof JwtAuthError) return err;
-  if (err instanceof KeySourceError) return new JwtAuthError("internal_error", "key source unavailable", { cause: err });
+  if (err instanceof KeySourceError) return new JwtAuthError("auth_unavailable", KEYS_UNAVAILABLE_MESSAGE, { cause: err });
   if (err instanceof errors.JWTExpired) return new JwtAuthError("token_expired", "token expired");
   if (err instanceof errors.JWTClaimValidationFailed) return new JwtAuthError("invalid_token", describeClaimFailure(err.claim));
   if (err instanceof errors.JWSSignatureVerificationFailed) return new JwtAuthError("invalid_token", "signature verification failed");
@@ -53,7 +53,7 @@ function classify(err: unknown): JwtAuthError {
  * Verifies a compact JWT against the configured key sources and claim expectations.
  *
  * @returns the claims, with `iss`, `sub` (non-empty string) and `exp` guaranteed present.
- * @throws {JwtAuthError} `invalid_token`, `token_expired`, or `internal_error` when the key source
+ * @throws {JwtAuthError} `invalid_token`, `token_expired`, or `auth_unavailable` when the key source
  *   is unavailable.
  */
 export async function verifyToken(token: string, config: ResolvedJwtAuthConfig, keys: KeySources): Promise<VerifiedClaims> {
