@@ -75,6 +75,9 @@ export function modelMetaFromFiles(files: {
   // Newer transformers nest token ids and sizes under text_config; read both layouts.
   const text = { ...config, ...((config.text_config as Json | undefined) ?? {}) };
   const vision = (config.vision_config ?? {}) as Json;
+  // transformers ≥ 4.52 also spells the pixel bounds as `size: {shortest_edge, longest_edge}` (newer processors
+  // may write only that); without either, its Qwen2VLImageProcessor's defaults.
+  const size = (pre.size ?? {}) as Json;
   const eos = ids(gen.eos_token_id);
   return {
     fingerprint: files.fingerprint,
@@ -90,8 +93,8 @@ export function modelMetaFromFiles(files: {
     patch_size: num(pre, "patch_size", num(vision, "patch_size", 14)),
     merge_size: num(pre, "merge_size", num(vision, "spatial_merge_size", 2)),
     temporal_patch_size: num(pre, "temporal_patch_size", num(vision, "temporal_patch_size", 2)),
-    min_pixels: num(pre, "min_pixels", 56 * 56),
-    max_pixels: num(pre, "max_pixels", 28 * 28 * 1280 * 16),
+    min_pixels: num(pre, "min_pixels", num(size, "shortest_edge", 56 * 56)),
+    max_pixels: num(pre, "max_pixels", num(size, "longest_edge", 28 * 28 * 1280)),
   };
 }
 

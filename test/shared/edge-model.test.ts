@@ -4,7 +4,7 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { modelFingerprint } from "../../shared/src/fingerprint.ts";
-import { withImageProcessorDefaults } from "../../shared/src/model-meta.ts";
+import { modelMetaFromFiles, withImageProcessorDefaults } from "../../shared/src/model-meta.ts";
 import { compileBpe, serializeBpe } from "../../shared/src/tokenizer/index.ts";
 import { GOLDEN_DIR, PROJECT_ROOT } from "../support/golden.ts";
 
@@ -21,6 +21,16 @@ describe("edge model bundle", () => {
       await modelFingerprint({ tokenizer: golden, config: readJson("config.json"), preprocessor: readJson("preprocessor_config.json") }),
     );
     expect(meta).toMatchObject({ vocab_size: 151936, min_pixels: 3136, max_pixels: 12845056, eos_token_ids: [151645, 151643] });
+  });
+
+  it("reads the pixel bounds as min_pixels/max_pixels, else as size (newer transformers), else transformers' defaults", () => {
+    const bounds = (preprocessor: unknown) => {
+      const { min_pixels, max_pixels } = modelMetaFromFiles({ config: {}, preprocessor, generation: {}, fingerprint: "f" });
+      return [min_pixels, max_pixels];
+    };
+    expect(bounds({ min_pixels: 3136, max_pixels: 12845056, size: { shortest_edge: 1, longest_edge: 2 } })).toEqual([3136, 12845056]);
+    expect(bounds({ size: { shortest_edge: 3136, longest_edge: 12845056 } })).toEqual([3136, 12845056]);
+    expect(bounds({})).toEqual([3136, 1003520]);
   });
 
   it("the fingerprint ignores formatting and key order but not content", async () => {
