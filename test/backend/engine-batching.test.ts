@@ -248,7 +248,7 @@ describe("BatchingEngine with the vision encoder in its own thread", () => {
     const next = await collect(engine, requestFor(c, "next"));
     expect(tokenIds(next)).toEqual(c.generated_ids);
     expect(vision.failed).toBeNull();
-    expect(engine.stats().ready).toBe(true);
+    expect(engine.stats()).toMatchObject({ ready: true, failed: false });
     await engine.close();
   });
 
@@ -263,7 +263,7 @@ describe("BatchingEngine with the vision encoder in its own thread", () => {
       writeFileSync(join(dir, "vision_encoder.onnx"), "gone bad");
       await vision.crash();
       await waitFor(() => vision.failed !== null);
-      expect(engine.stats().ready).toBe(false);
+      expect(engine.stats()).toMatchObject({ ready: false, failed: true });
       const withImage = cases.find((k) => k.image_grid_thw)!;
       expect((await collect(engine, requestFor(withImage, "img"))).at(-1)).toMatchObject({ type: "error", code: "internal_error" });
       const text = cases.find((k) => !k.image_grid_thw)!;

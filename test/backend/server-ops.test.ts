@@ -37,6 +37,14 @@ describe("health and readiness", () => {
     expect(await ready.json()).toMatchObject({ status: "ready" });
   });
 
+  it("/healthz fails once the engine reports a part stopped for good (liveness: the orchestrator restarts it)", async () => {
+    engine.failed = true;
+    engine.ready = false;
+    const h = await fetch(`${srv.base}/healthz`);
+    expect(h.status).toBe(503);
+    expect(await h.json()).toEqual({ status: "failed" });
+  });
+
   it("unknown routes → 404 not_found; GET on the generate path → 405", async () => {
     const r = await fetch(`${srv.base}/nope`);
     expect(r.status).toBe(404);

@@ -57,6 +57,8 @@ export interface EngineStats {
   capacity: number;
   /** Model loaded and warmed up: requests are served. */
   ready: boolean;
+  /** A part of the engine stopped for good (a vision thread that could not be started again): only a restart helps. */
+  failed?: boolean;
 }
 
 /** The generation engine. See the module comment for the delivery rules. */

@@ -114,7 +114,8 @@ export class BatchingEngine implements Engine {
   }
 
   stats(): EngineStats {
-    return { active: this.active.length + (this.prefilling ? 1 : 0), queued: this.waiting.length, capacity: this.opts.maxBatch, ready: !this.closed && !this.model.sessions.vision.failed };
+    const failed = !!this.model.sessions.vision.failed;
+    return { active: this.active.length + (this.prefilling ? 1 : 0), queued: this.waiting.length, capacity: this.opts.maxBatch, ready: !this.closed && !failed, failed };
   }
 
   async close(): Promise<void> {

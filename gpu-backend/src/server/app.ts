@@ -182,7 +182,8 @@ export function createBackendApp(deps: BackendAppDeps): BackendApp {
   });
   app.notFound((c) => errorResponse(c, new ApiError("not_found", "no such route")));
 
-  app.get("/healthz", (c) => c.json({ status: "ok" }));
+  // Liveness: fails only when the engine cannot recover by itself, so that the orchestrator restarts the process.
+  app.get("/healthz", (c) => (engine.stats().failed ? c.json({ status: "failed" }, 503) : c.json({ status: "ok" })));
 
   app.get("/readyz", (c) => {
     const s = engine.stats();
