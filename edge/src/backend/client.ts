@@ -127,7 +127,8 @@ export interface BackendCall {
 /**
  * Sends the request; resolves with the first backend response that is OK (2xx), whose body the caller reads.
  * Retries on the next backend when one cannot be reached, is overloaded (503) or fails (any other error but
- * a verdict on the request or a timeout, which are final; nothing was generated yet, so a retry is safe). The timeout covers the whole call, headers and body (it is also the deadline sent to the backend).
+ * a verdict on the request or a timeout, which are final; nothing was generated yet, so a retry is safe).
+ * The timeout covers the whole call, headers and body (it is also the deadline sent to the backend).
  */
 export async function callBackend(
   config: EdgeConfig,

@@ -86,9 +86,9 @@ export class VisionThread implements VisionSession {
     return new VisionThread(await spawn(path, options), path, options);
   }
 
-  /** Set when the thread stopped and could not be started again (or was released): every run rejects with it. */
+  /** Set when the thread stopped and could not be started again: every run rejects with it (after release too). */
   get failed(): Error | null {
-    return this.failure;
+    return this.released ? null : this.failure;
   }
 
   run(feeds: Record<string, ort.Tensor>): Promise<Record<string, ort.Tensor>> {
