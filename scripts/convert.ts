@@ -4,7 +4,12 @@
  *   npx tsx scripts/convert.ts --model <folder|hub id> --out <folder> [--dtype fp32|fp16|int8|int4]
  *       [--block-size 32|128] [--symmetric] [--accuracy-level 0..4] [--lm-head nbits|w8a8|float] [--w8a8]
  *       [--vision-int8 | --no-vision-int8] [--vision-attention-chunk N] [--full-logits] [--no-append-decoder]
- *       [--external-data auto|always|never] [--hash-files] [--overwrite]
+ *       [--external-data auto|always|never] [--hash-files] [--overwrite] [--revision R] [--cache-dir D]
+ *
+ * --revision / --cache-dir (Hub ids): the branch, tag, commit or `refs/pr/N` to download (default main), and the
+ * hub cache folder (default $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub). The token: $HF_TOKEN,
+ * $HUGGING_FACE_HUB_TOKEN, or the file `huggingface-cli login` writes.
+ * --overwrite replaces a previous conversion at --out (a folder with this converter's manifest.json), nothing else.
  *
  * --w8a8 (with --dtype int8 only): the decoder layers as W8A8 integer GEMMs (MatMulInteger: int8 weights per
  * output feature, int8 activations per token) instead of weight-only MatMulNBits: faster prefill (time to first
@@ -49,7 +54,8 @@ function quantSummary(head: LmHeadMethod, q: NonNullable<ConvertManifest["quanti
 const USAGE =
   "usage: npx tsx scripts/convert.ts --model <folder|hub id> --out <folder> [--dtype fp32|fp16|int8|int4] " +
   "[--block-size N] [--symmetric] [--accuracy-level 0..4] [--lm-head nbits|w8a8|float] [--w8a8] " +
-  "[--vision-int8 | --no-vision-int8] [--vision-attention-chunk N] [--full-logits] [--no-append-decoder] [--external-data auto|always|never] [--hash-files] [--overwrite]\n" +
+  "[--vision-int8 | --no-vision-int8] [--vision-attention-chunk N] [--full-logits] [--no-append-decoder] [--external-data auto|always|never] [--hash-files] [--overwrite] " +
+  "[--revision R] [--cache-dir D]\n" +
   "  --w8a8                           --dtype int8 only: decoder layers as W8A8 int8 GEMMs (MatMulInteger, int8 activations " +
   "per token) instead of MatMulNBits: faster prefill/time to first token; vision W8A8 by default\n" +
   "  --lm-head nbits|w8a8|float       the LM head as MatMulNBits (the dtype's bits), W8A8 int8 GEMM (int8 weights per vocabulary row, " +
@@ -84,6 +90,8 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
       "external-data": { type: "string", default: "auto" },
       "hash-files": { type: "boolean", default: false },
       overwrite: { type: "boolean", default: false },
+      revision: { type: "string" },
+      "cache-dir": { type: "string" },
     },
     u,
   );
@@ -133,6 +141,9 @@ export async function runConvertCli(argv: string[], io: CliIO = processIO): Prom
       externalData: ext === "auto" ? "auto" : ext === "always",
       hashWholeFiles: values["hash-files"],
       overwrite: values.overwrite,
+      ...(values.revision !== undefined || values["cache-dir"] !== undefined
+        ? { resolve: { ...(values.revision !== undefined ? { revision: values.revision } : {}), ...(values["cache-dir"] !== undefined ? { cacheDir: values["cache-dir"] } : {}) } }
+        : {}),
       ...(io.isTTY
         ? {
             onProgress: (p) => {

@@ -60,9 +60,10 @@ export function loadConfig(env: EdgeEnv): EdgeConfig {
     maxPixels: int(env, "MAX_PIXELS", 12_845_056),
     maxImageTokens: int(env, "MAX_IMAGE_TOKENS", 16_384),
     maxQuestionChars: int(env, "MAX_QUESTION_CHARS", 4000),
-    // 128 Ki characters: prose at ~3.4 characters per token fills the 32768-token context well before it, and the
-    // worst text for BPE (one run of a letter or of spaces) tokenizes in ≤ 0.5 s at this size.
-    maxPromptChars: int(env, "MAX_PROMPT_CHARS", 131_072),
+    // 6 characters per token of the 32768-token context: English prose runs at 4.7–5.3 (code and Markdown
+    // lower), so text that fits is never refused; the worst text for BPE (one run of a letter, of spaces or of
+    // newlines) tokenizes at this size in ≤ 0.9 s and ~50 MB (2 MB of it: 6 s, 220 MB).
+    maxPromptChars: int(env, "MAX_PROMPT_CHARS", 196_608),
     maxNewTokensDefault: int(env, "MAX_NEW_TOKENS_DEFAULT", 1024),
     maxNewTokensCap: int(env, "MAX_NEW_TOKENS_CAP", 2048),
   };

@@ -301,17 +301,19 @@ export function encodeEvent(ev: BackendEvent): string {
 }
 
 const isCount = (x: unknown): boolean => Number.isSafeInteger(x) && (x as number) >= 0;
+const isMs = (x: unknown): boolean => typeof x === "number" && Number.isFinite(x) && x >= 0;
 const isObject = (x: unknown): x is Record<string, unknown> => typeof x === "object" && x !== null && !Array.isArray(x);
 
 /** The fields the edge reads from a start, token or done event have the types {@link BackendEvent} says. */
 function isWellFormed(o: Record<string, unknown>): boolean {
   switch (o.type) {
     case "start":
-      return typeof o.request_id === "string" && isCount(o.prompt_tokens) && isCount(o.image_tokens);
+      return typeof o.request_id === "string" && isCount(o.prompt_tokens) && isCount(o.image_tokens) && isMs(o.queue_ms);
     case "token":
       return isCount(o.id) && typeof o.text === "string";
     default: {
       const u = o.usage;
+      const details = isObject(u) ? u.completion_tokens_details : undefined;
       return (
         typeof o.text === "string" &&
         (o.finish_reason === "stop" || o.finish_reason === "length") &&
@@ -319,8 +321,11 @@ function isWellFormed(o: Record<string, unknown>): boolean {
         isCount(u.prompt_tokens) &&
         isCount(u.image_tokens) &&
         isCount(u.completion_tokens) &&
-        (u.completion_tokens_details === undefined || isObject(u.completion_tokens_details)) &&
-        isObject(o.timings)
+        (details === undefined ||
+          (isObject(details) && isCount(details.accepted_prediction_tokens) && isCount(details.rejected_prediction_tokens))) &&
+        // The timings are spread into the client's answer: milliseconds only.
+        isObject(o.timings) &&
+        Object.values(o.timings).every(isMs)
       );
     }
   }

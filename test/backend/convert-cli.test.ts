@@ -228,17 +228,63 @@ describe("convertModel failures leave nothing half-written", () => {
     nothingWritten(out);
   });
 
-  it("an existing output folder is kept unless overwrite is given", async () => {
+  it("an existing output folder is kept unless overwrite is given, and overwrite replaces only a previous conversion", async () => {
     const out = join(tmp, "existing");
     mkdirSync(out);
     writeFileSync(join(out, "keep.txt"), "mine");
-    const err = await convertModel({ model: TINY, outDir: out }).catch((e: unknown) => e);
-    expect((err as ConvertError).code).toBe("output_exists");
-    expect(readdirSync(out)).toEqual(["keep.txt"]);
+    for (const overwrite of [false, true]) {
+      const err = await convertModel({ model: TINY, outDir: out, overwrite }).catch((e: unknown) => e);
+      expect((err as ConvertError).code, `overwrite ${overwrite}`).toBe("output_exists");
+      expect(readdirSync(out)).toEqual(["keep.txt"]);
+    }
+    rmSync(join(out, "keep.txt"));
+    await convertModel({ model: TINY, outDir: out, dtype: "fp32", appendDecoder: false }); // empty: fine
     await convertModel({ model: TINY, outDir: out, overwrite: true, dtype: "int4" });
-    expect(existsSync(join(out, "keep.txt"))).toBe(false);
     expect(JSON.parse(readFileSync(join(out, "manifest.json"), "utf8")).dtype).toBe("int4");
     expect(readdirSync(tmp).filter((f) => f.startsWith("existing."))).toEqual([]);
+  });
+
+  it("never deletes the checkpoint: the checkpoint folder itself, or a conversion folder holding it, is refused", async () => {
+    // `--model X --out X --overwrite`: X is not a conversion, so overwrite does not touch it (X: links to tiny-a).
+    const x = join(tmp, "x");
+    mkdirSync(x);
+    for (const f of readdirSync(TINY)) symlinkSync(join(TINY, f), join(x, f));
+    const o = io(false);
+    expect(await runConvertCli(["--model", x, "--out", x, "--overwrite"], o)).toBe(1);
+    expect(o.err).toMatch(/convert failed \[output_exists\]: .*overwrite replaces only a previous conversion/);
+    expect(readdirSync(x).sort()).toEqual(readdirSync(TINY).sort());
+    // A previous conversion that the checkpoint was later put inside.
+    const conv = join(tmp, "holder");
+    await convertModel({ model: TINY, outDir: conv, appendDecoder: false });
+    const inner = join(conv, "ckpt");
+    mkdirSync(inner);
+    for (const f of readdirSync(TINY)) symlinkSync(join(TINY, f), join(inner, f));
+    const err = await convertModel({ model: inner, outDir: conv, overwrite: true }).catch((e: unknown) => e);
+    expect((err as ConvertError).code).toBe("bad_options");
+    expect(existsSync(join(inner, "config.json"))).toBe(true);
+  });
+
+  it("a checkpoint without its tokenizer or preprocessor config is not_found, naming them, before anything is written", async () => {
+    const dir = join(tmp, "no-tokenizer");
+    mkdirSync(dir);
+    for (const f of readdirSync(TINY)) if (f !== "tokenizer.json" && f !== "preprocessor_config.json") symlinkSync(join(TINY, f), join(dir, f));
+    const out = join(tmp, "no-tokenizer-out");
+    const err = await convertModel({ model: dir, outDir: out }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(CheckpointError);
+    expect((err as CheckpointError).code).toBe("not_found");
+    expect((err as Error).message).toContain("tokenizer.json, preprocessor_config.json missing");
+    nothingWritten(out);
+  });
+
+  it("removes temporary folders an interrupted conversion left (its process gone), keeps a live one's", async () => {
+    const out = join(tmp, "stale");
+    const dead = `${out}.tmp-4194305`; // above Linux's largest pid: no such process
+    const live = `${out}.tmp-${process.ppid}`;
+    for (const d of [dead, live]) mkdirSync(d);
+    await convertModel({ model: TINY, outDir: out, appendDecoder: false });
+    expect(existsSync(dead)).toBe(false);
+    expect(existsSync(live)).toBe(true);
+    rmSync(live, { recursive: true });
   });
 
   it("hashes whole safetensors files on request", async () => {

@@ -13,6 +13,7 @@ import {
   fnv1a32,
   loadQwen2VLCheckpoint,
   makeTestModel,
+  missingCheckpointFiles,
   planShards,
   resolveModelDir,
   specRule,
@@ -306,17 +307,54 @@ describe("resolveModelDir / loadQwen2VLCheckpoint", () => {
     expect(calls[0]).toContain(`/api/models/${ID}/`);
   });
 
-  it("with no network, a snapshot already in the cache is used", async () => {
+  it("sends the token of $HF_TOKEN, else $HUGGING_FACE_HUB_TOKEN, else the file huggingface-cli login writes", async () => {
+    const saved = { HF_TOKEN: process.env["HF_TOKEN"], HUGGING_FACE_HUB_TOKEN: process.env["HUGGING_FACE_HUB_TOKEN"], HF_TOKEN_PATH: process.env["HF_TOKEN_PATH"] };
+    const sent: (string | null)[] = [];
+    const recording = (async (_url: string | URL | Request, init?: RequestInit) => {
+      sent.push(new Headers(init?.headers).get("authorization"));
+      throw new TypeError("fetch failed");
+    }) as typeof fetch;
+    const tokenFile = join(tmp, "hf-token");
+    writeFileSync(tokenFile, "hf_from_file\n");
+    try {
+      delete process.env["HF_TOKEN"];
+      delete process.env["HUGGING_FACE_HUB_TOKEN"];
+      process.env["HF_TOKEN_PATH"] = tokenFile;
+      for (const [env, want] of [[{}, "hf_from_file"], [{ HUGGING_FACE_HUB_TOKEN: "hf_legacy" }, "hf_legacy"], [{ HF_TOKEN: "hf_env" }, "hf_env"]] as const) {
+        Object.assign(process.env, env);
+        sent.length = 0;
+        await resolveModelDir(ID, { cacheDir: join(tmp, "hub-token"), fetch: recording }).catch(() => {});
+        expect(sent[0]).toBe(`Bearer ${want}`);
+      }
+    } finally {
+      for (const [k, v] of Object.entries(saved)) {
+        if (v === undefined) delete process.env[k];
+        else process.env[k] = v;
+      }
+    }
+  });
+
+  it("with no network, a whole snapshot already in the cache is used (for a branch or a PR ref), a partial one is not", async () => {
     const cache = join(tmp, "hub-cached");
-    const snap = join(cache, "models--JZPeterPan--MedVLM-R1", "snapshots", SHA);
+    const repo = join(cache, "models--JZPeterPan--MedVLM-R1");
+    const snap = join(repo, "snapshots", SHA);
     mkdirSync(snap, { recursive: true });
-    mkdirSync(join(cache, "models--JZPeterPan--MedVLM-R1", "refs"));
-    writeFileSync(join(cache, "models--JZPeterPan--MedVLM-R1", "refs", "main"), SHA);
-    writeFileSync(join(snap, "config.json"), "{}");
+    mkdirSync(join(repo, "refs", "refs", "pr"), { recursive: true }); // as huggingface_hub stores refs/pr/3
+    writeFileSync(join(repo, "refs", "main"), SHA);
+    writeFileSync(join(repo, "refs", "refs", "pr", "3"), SHA);
     const failing = (async () => {
       throw new TypeError("fetch failed");
     }) as typeof fetch;
+    // Only config.json and one of two shards: what an interrupted download leaves.
+    writeFileSync(join(snap, "config.json"), "{}");
+    writeFileSync(join(snap, "model.safetensors.index.json"), JSON.stringify({ weight_map: { a: "model-00001-of-00002.safetensors", b: "model-00002-of-00002.safetensors" } }));
+    writeFileSync(join(snap, "model-00001-of-00002.safetensors"), "");
+    expect(await missingCheckpointFiles(snap)).toEqual(["tokenizer.json", "preprocessor_config.json", "model-00002-of-00002.safetensors"]);
+    expect((await rejectionOf(resolveModelDir(ID, { cacheDir: cache, fetch: failing }), CheckpointError)).code).toBe("no_network");
+    for (const f of ["tokenizer.json", "preprocessor_config.json", "model-00002-of-00002.safetensors"]) writeFileSync(join(snap, f), "");
     expect(await resolveModelDir(ID, { cacheDir: cache, fetch: failing })).toBe(snap);
+    expect(await resolveModelDir(ID, { cacheDir: cache, fetch: failing, revision: "refs/pr/3" })).toBe(snap);
+    expect((await rejectionOf(resolveModelDir(ID, { cacheDir: cache, fetch: failing, revision: "../../x" }), CheckpointError)).code).toBe("not_found");
   });
 
   it("downloads only configs, weights and tokenizer files from a (mock) Hub, then loads", async () => {
@@ -331,7 +369,7 @@ describe("resolveModelDir / loadQwen2VLCheckpoint", () => {
       const url = new URL(String(input));
       const path = decodeURIComponent(url.pathname);
       requested.push(`${init?.method ?? "GET"} ${path}`);
-      if (path === `/api/models/${ID}/revision/main`) return Response.json({ _id: "x", id: ID, sha: SHA, private: false });
+      if (path === `/api/models/${ID}/revision/main` || path === `/api/models/${ID}/revision/refs/pr/3`) return Response.json({ _id: "x", id: ID, sha: SHA, private: false });
       if (path === `/api/models/${ID}/tree/${SHA}`) {
         return Response.json([
           ...Object.entries(files).map(([p, b]) => ({ type: "file", path: p, size: b.length, oid: sha256(b).slice(0, 40) })),
@@ -364,6 +402,9 @@ describe("resolveModelDir / loadQwen2VLCheckpoint", () => {
     expect(readdirSync(dir).sort()).toEqual(readdirSync(small).sort()); // no README.md / demo.ipynb / images
     expect(requested.some((r) => r.includes("README.md") || r.includes("demo.ipynb"))).toBe(false);
     expect(readFileSync(join(dir, "model.safetensors")).equals(files["model.safetensors"] as Buffer)).toBe(true);
+    // A PR ref (a name with slashes) is recorded like a branch.
+    expect(await resolveModelDir(ID, { cacheDir: cache, fetch: hub, revision: "refs/pr/3" })).toBe(dir);
+    expect(readFileSync(join(cache, "models--JZPeterPan--MedVLM-R1", "refs", "refs", "pr", "3"), "utf8")).toBe(SHA);
 
     const loaded = await loadQwen2VLCheckpoint(ID, { cacheDir: cache, fetch: hub });
     try {

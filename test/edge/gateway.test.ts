@@ -192,13 +192,29 @@ describe("POST /v1/chat/completions", () => {
   it("refuses text over MAX_PROMPT_CHARS before tokenizing it, counting every message", async () => {
     const chat = async (messages: unknown, env: Record<string, string> = {}) =>
       call(await authed("/v1/chat/completions", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ messages }) }), env);
-    const res = await chat([{ role: "user", content: "a".repeat(131_073) }]);
+    const res = await chat([{ role: "user", content: "a".repeat(196_609) }]);
     expect(res.status).toBe(422);
-    expect(await res.json()).toMatchObject({ error: { code: "context_length_exceeded", message: "the messages' text is 131073 characters; the limit is 131072" } });
+    expect(await res.json()).toMatchObject({ error: { code: "context_length_exceeded", message: "the messages' text is 196609 characters; the limit is 196608" } });
     const small = { MAX_PROMPT_CHARS: "10" };
     expect((await chat([{ role: "system", content: "be brief" }, { role: "user", content: [{ type: "text", text: "hi!" }] }], small)).status).toBe(422);
     expect(backend.requests).toHaveLength(0);
     expect((await chat([{ role: "system", content: "be brief" }, { role: "user", content: "hi" }], small)).status).toBe(200);
+  });
+
+  it("the character cap never refuses prose that fits the context", async () => {
+    // English prose at ~5.3 characters per token: 170000 characters are ~31800 tokens, which fit the 32768.
+    const paragraph =
+      "The chest radiograph shows a rounded opacity in the right lower lobe, with smooth margins and no calcification. " +
+      "Compared with the previous examination, the lesion has grown slightly, and the adjacent pleura appears thickened. " +
+      "Clinical correlation and a follow-up computed tomography scan are recommended. ";
+    const content = paragraph.repeat(Math.ceil(170_000 / paragraph.length)).slice(0, 170_000);
+    const res = await call(
+      await authed("/v1/chat/completions", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ messages: [{ role: "user", content }] }) }),
+    );
+    expect(res.status).toBe(200);
+    const ids = backend.requests[0]!.wire.header.input_ids_count;
+    expect(ids).toBeGreaterThan(30_000);
+    expect(ids).toBeLessThan(32_768);
   });
 
   it("refuses a body that is not declared as JSON with 415, unread", async () => {
@@ -327,6 +343,19 @@ describe("backend failures", () => {
     expect(backend.requests.map((r) => r.url)).toEqual(["https://b1.test", "https://b2.test", "https://b2.test"]);
   });
 
+  it("fails over on every answer that is no verdict on the request: 5xx, 404, and keys or model the backend disagrees on", async () => {
+    for (const status of [500, 530, 404, 401, 409, 400]) {
+      resetBackendState();
+      backend.requests.length = 0;
+      backend
+        .script("https://b1.test", { kind: "status", status, body: { error: { code: "invalid_request", message: "internals" } } })
+        .script("https://b2.test", { kind: "events", events: tokensDone(["<answer>C</answer>"]) });
+      const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), two);
+      expect(res.status, String(status)).toBe(200);
+      expect(backend.requests.map((r) => r.url), String(status)).toEqual(["https://b1.test", "https://b2.test"]);
+    }
+  });
+
   it("every backend failing → one 502 backend_error after trying each", async () => {
     backend.script("default", { kind: "status", status: 500, body: { error: { code: "internal_error", message: "the engine failed" } } });
     const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), two);
@@ -352,15 +381,17 @@ describe("backend failures", () => {
       expect(body.error.code, code).toBe(expected);
       if (expected === "backend_error") expect(body.error.message).not.toContain("internals");
       expect(res.headers.get("www-authenticate")).toBeNull();
+      expect(res.headers.get("retry-after"), code).toBe(status === 503 ? "1" : null);
       const streamed = await (await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!, { stream: "true" }) }))).text();
       expect(streamed.match(/event: error/g), code).toHaveLength(1);
       expect(streamed).toContain(`"code":"${expected}"`);
     }
   });
 
-  it("a 200 without a body, or with a malformed done event, ends in 502 backend_error at once", async () => {
+  it("a 2xx without a body, or with a malformed done event, ends in 502 backend_error at once", async () => {
     const malformedDone = '{"type":"done","text":"hi"}\n';
-    for (const make of [() => new Response(null, { status: 200 }), () => new Response(malformedDone, { status: 200 })]) {
+    const answers = [() => new Response(null, { status: 200 }), () => new Response(null, { status: 204 }), () => new Response(malformedDone, { status: 200 })];
+    for (const make of answers) {
       backend.script("default", { kind: "response", make });
       const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), { BACKEND_TIMEOUT_MS: "60000" });
       expect(res.status).toBe(502);

@@ -167,9 +167,12 @@ describe("backend events", () => {
 
   it("turns events whose fields are missing or mistyped into backend_error events", () => {
     const usage = { prompt_tokens: 1, image_tokens: 0, completion_tokens: 1 };
-    const done = { type: "done", finish_reason: "stop", text: "hi", usage, timings: {} };
-    expect(parseEvent(JSON.stringify(done))).toEqual(done);
-    expect(parseEvent(JSON.stringify({ ...done, usage: { ...usage, completion_tokens_details: { accepted_prediction_tokens: 1, rejected_prediction_tokens: 0 } } })).type).toBe("done");
+    const done = { type: "done", finish_reason: "stop", text: "hi", usage, timings: { queue_ms: 0, prefill_ms: 12.5 } };
+    const details = { accepted_prediction_tokens: 1, rejected_prediction_tokens: 0 };
+    const start = { type: "start", request_id: "r", prompt_tokens: 200, image_tokens: 0, queue_ms: 0.25 };
+    for (const ok of [done, { ...done, timings: {} }, { ...done, usage: { ...usage, completion_tokens_details: details } }, start, { type: "token", id: 0, text: "" }]) {
+      expect(parseEvent(JSON.stringify(ok)), JSON.stringify(ok)).toEqual(ok);
+    }
     const malformed = [
       { type: "done", text: "hi" },
       { ...done, finish_reason: "eos" },
@@ -177,10 +180,16 @@ describe("backend events", () => {
       { ...done, usage: { ...usage, completion_tokens: "1" } },
       { ...done, usage: null },
       { ...done, timings: undefined },
+      { ...done, timings: { prefill_ms: "12" } },
+      { ...done, timings: { internals: { host: "gpu-7" } } },
+      { ...done, usage: { ...usage, completion_tokens_details: { ...details, rejected_prediction_tokens: "0" } } },
+      { ...done, usage: { ...usage, completion_tokens_details: null } },
       { type: "token", id: -1, text: "a" },
       { type: "token", id: 1.5, text: "a" },
       { type: "token", id: 1 },
-      { type: "start", request_id: "r", prompt_tokens: "200", image_tokens: 0, queue_ms: 0 },
+      { ...start, prompt_tokens: "200" },
+      { ...start, queue_ms: undefined },
+      { ...start, queue_ms: -1 },
     ];
     for (const m of malformed) expect(parseEvent(JSON.stringify(m)), JSON.stringify(m)).toEqual({ type: "error", code: "backend_error", message: "malformed backend event" });
   });

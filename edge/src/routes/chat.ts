@@ -8,7 +8,7 @@ import { ApiError } from "../../../shared/src/errors.ts";
 import type { ChatMessage, ContentItem } from "../../../shared/src/chat-template.ts";
 import { DEFAULT_PARAMS, type GenerationParams } from "../../../shared/src/wire.ts";
 import { readBodyLimited } from "../../../shared/src/read-body.ts";
-import { decodeDataUri, validateImageBytes } from "../upload/parse-vqa.ts";
+import { acceptedMediaType, decodeDataUri, validateImageBytes } from "../upload/parse-vqa.ts";
 import { callBackend } from "../backend/client.ts";
 import { loadConfig } from "../config.ts";
 import { assertNoSpecialTokens, prepareGeneration, type InputImage } from "../prepare.ts";
@@ -96,11 +96,7 @@ export async function chatHandler(c: Context<AppEnv>): Promise<Response> {
   const config = loadConfig(c.env);
   const requestId = c.get("requestId");
   const limits = vqaLimits(config);
-  const essence = (c.req.header("content-type") ?? "").split(";")[0]!.trim().toLowerCase();
-  if (essence !== "application/json") {
-    await c.req.raw.body?.cancel().catch(() => {}); // refused before reading anything
-    throw new ApiError("unsupported_media_type", "Content-Type must be application/json");
-  }
+  await acceptedMediaType(c.req.raw, ["application/json"]);
   // Images travel base64 inside the JSON (4/3 larger): allow for that plus the text.
   const raw = await readBodyLimited(c.req.raw, Math.ceil(config.maxUploadBytes * 1.4) + 256 * 1024);
   let body: unknown;

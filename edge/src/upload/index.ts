@@ -1,7 +1,8 @@
-/** Upload validation and request parsing for `POST /v1/vqa` (and the image checks the OpenAI route reuses). */
+/** Upload validation and request parsing for `POST /v1/vqa` (and the media-type and image checks the OpenAI route reuses). */
 export { readBodyLimited } from "../../../shared/src/read-body.ts";
 export {
   MAX_ASPECT_RATIO,
+  acceptedMediaType,
   decodeBase64,
   decodeDataUri,
   parseVqaRequest,

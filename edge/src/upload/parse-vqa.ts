@@ -68,22 +68,24 @@ export function requestBodyCap(limits: VqaLimits, kind: "multipart" | "json"): n
  * Throws `ApiError` with a stable code for every kind of bad input (see the API docs for the list).
  */
 export async function parseVqaRequest(request: Request, limits: VqaLimits): Promise<VqaInput> {
-  const contentType = request.headers.get("content-type") ?? "";
-  const essence = (contentType.split(";")[0] ?? "").trim().toLowerCase();
-  if (essence === "multipart/form-data") {
+  if ((await acceptedMediaType(request, ["multipart/form-data", "application/json"])) === "multipart/form-data") {
     const body = await readBodyLimited(request, requestBodyCap(limits, "multipart"));
-    return parseMultipart(body, contentType, limits);
+    return parseMultipart(body, request.headers.get("content-type") ?? "", limits);
   }
-  if (essence === "application/json") {
-    const body = await readBodyLimited(request, requestBodyCap(limits, "json"));
-    return parseJson(body, limits);
-  }
+  const body = await readBodyLimited(request, requestBodyCap(limits, "json"));
+  return parseJson(body, limits);
+}
+
+/**
+ * The media type of `request`'s body (Content-Type without parameters, lower-case) when it is one of
+ * `accepted`; otherwise the body is cancelled unread and `unsupported_media_type` (415) is thrown.
+ */
+export async function acceptedMediaType<T extends string>(request: Request, accepted: readonly T[]): Promise<T> {
+  const essence = (request.headers.get("content-type") ?? "").split(";")[0]!.trim().toLowerCase();
+  if ((accepted as readonly string[]).includes(essence)) return essence as T;
   // Refuse before reading anything.
   await request.body?.cancel().catch(() => {});
-  throw new ApiError(
-    "unsupported_media_type",
-    "Content-Type must be multipart/form-data or application/json",
-  );
+  throw new ApiError("unsupported_media_type", `Content-Type must be ${accepted.join(" or ")}`);
 }
 
 // ----------------------------------------------------------------------------------------- multipart

@@ -37,7 +37,7 @@ export {
   type Qwen2VLConfig,
 } from "./config.ts";
 export { Mulberry32, fnv1a32, qwen2vlTensorShapes, specRule, specTensor, specTensorChunks, type SpecRule, type TensorShape } from "./weights-spec.ts";
-export { isNeededHubFile, loadQwen2VLCheckpoint, resolveModelDir, type LoadedCheckpoint, type ResolveOptions } from "./load.ts";
+export { REQUIRED_FILES, isNeededHubFile, loadQwen2VLCheckpoint, missingCheckpointFiles, resolveModelDir, type LoadedCheckpoint, type ResolveOptions } from "./load.ts";
 export {
   COPIED_FILES,
   DEFAULT_SHARD_BYTES,

@@ -3,10 +3,11 @@
  * standard hub cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`).
  */
 import { mkdir, readFile, writeFile } from "node:fs/promises";
-import { join, resolve } from "node:path";
+import { homedir } from "node:os";
+import { dirname, join, resolve } from "node:path";
 import { downloadFileToCacheDir, getHFHubCachePath, getRepoFolderName, listFiles, modelInfo } from "@huggingface/hub";
 import { readQwen2VLConfig, type Qwen2VLConfig } from "./config.ts";
-import { CheckpointError, CheckpointWeights } from "./safetensors.ts";
+import { CheckpointError, CheckpointWeights, SAFETENSORS_INDEX } from "./safetensors.ts";
 import { qwen2vlTensorShapes } from "./weights-spec.ts";
 import { exists, isDir } from "../fs-util.ts";
 
@@ -18,7 +19,7 @@ export interface ResolveOptions {
   revision?: string;
   /** fetch used for every Hub request (tests inject a failing one). */
   fetch?: typeof fetch;
-  /** Hub access token for gated/private repos (default `$HF_TOKEN`). */
+  /** Hub access token for gated/private repos (default `$HF_TOKEN`, `$HUGGING_FACE_HUB_TOKEN`, or the token file of `huggingface-cli login`). */
   accessToken?: string;
 }
 
@@ -79,7 +80,42 @@ function wrapFetch(f: typeof fetch): typeof fetch {
   }) as typeof fetch;
 }
 
-/** A snapshot already in the cache for this revision (used when the Hub cannot be reached). */
+/** What a servable conversion needs besides the weights: the engine reads these from the converted folder. */
+export const REQUIRED_FILES = ["config.json", "tokenizer.json", "preprocessor_config.json"] as const;
+
+/** The files of {@link REQUIRED_FILES} and the weights (every shard the index names) that `dir` lacks. */
+export async function missingCheckpointFiles(dir: string): Promise<string[]> {
+  const missing: string[] = [];
+  for (const f of REQUIRED_FILES) if (!(await exists(join(dir, f)))) missing.push(f);
+  if (await exists(join(dir, SAFETENSORS_INDEX))) {
+    let shards: string[] = [];
+    try {
+      const index = JSON.parse(await readFile(join(dir, SAFETENSORS_INDEX), "utf8")) as { weight_map?: Record<string, string> };
+      shards = [...new Set(Object.values(index.weight_map ?? {}))];
+    } catch {
+      missing.push(SAFETENSORS_INDEX);
+    }
+    for (const s of shards) if (!(await exists(join(dir, s)))) missing.push(s);
+  } else if (!(await exists(join(dir, "model.safetensors")))) missing.push("model.safetensors");
+  return missing;
+}
+
+/** The Hub token: `$HF_TOKEN`, `$HUGGING_FACE_HUB_TOKEN`, else the file `huggingface-cli login` writes. */
+async function hubToken(): Promise<string | undefined> {
+  const env = process.env["HF_TOKEN"] || process.env["HUGGING_FACE_HUB_TOKEN"];
+  if (env) return env;
+  const file = process.env["HF_TOKEN_PATH"] ?? join(process.env["HF_HOME"] ?? join(homedir(), ".cache", "huggingface"), "token");
+  try {
+    return (await readFile(file, "utf8")).trim() || undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * A whole snapshot already in the cache for this revision (used when the Hub cannot be reached); one that a
+ * download left partial, or that holds only some files (e.g. the model's but not the processor's), is not used.
+ */
 async function cachedSnapshot(storage: string, revision: string): Promise<string | undefined> {
   let commit = revision;
   if (!/^[0-9a-f]{40}$/.test(revision)) {
@@ -90,7 +126,7 @@ async function cachedSnapshot(storage: string, revision: string): Promise<string
     }
   }
   const dir = join(storage, "snapshots", commit);
-  return (await exists(join(dir, "config.json"))) ? dir : undefined;
+  return (await missingCheckpointFiles(dir)).length === 0 ? dir : undefined;
 }
 
 /**
@@ -116,15 +152,18 @@ export async function resolveModelDir(
   }
   const id = modelOrHubId;
   const revision = opts.revision ?? "main";
+  if (!/^[A-Za-z0-9._/-]+$/.test(revision) || revision.split("/").includes("..")) {
+    throw new CheckpointError("not_found", `${revision}: not a branch, tag or commit name`);
+  }
   const cacheDir = opts.cacheDir ?? getHFHubCachePath();
   const storage = join(cacheDir, getRepoFolderName({ type: "model", name: id }));
-  const accessToken = opts.accessToken ?? process.env["HF_TOKEN"];
+  const accessToken = opts.accessToken ?? (await hubToken());
   const common = { fetch: wrapFetch(opts.fetch ?? fetch), ...(accessToken ? { accessToken } : {}) };
   try {
     const info = await modelInfo({ name: id, revision, additionalFields: ["sha"], ...common });
     const commit = info.sha;
     if (revision !== commit) {
-      await mkdir(join(storage, "refs"), { recursive: true });
+      await mkdir(dirname(join(storage, "refs", revision)), { recursive: true }); // (refs/pr/3 has a folder)
       await writeFile(join(storage, "refs", revision), commit);
     }
     const paths: string[] = [];

@@ -20,10 +20,10 @@
  */
 import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
-import { copyFile, mkdir, open, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
-import { basename, join, resolve } from "node:path";
+import { copyFile, mkdir, open, readFile, readdir, realpath, rename, rm, stat, writeFile } from "node:fs/promises";
+import { basename, dirname, join, resolve, sep } from "node:path";
 import { withImageProcessorDefaults } from "../../../shared/src/model-meta.ts";
-import { type Qwen2VLConfig, type ResolveOptions, loadQwen2VLCheckpoint } from "../checkpoint/index.ts";
+import { CheckpointError, REQUIRED_FILES, type Qwen2VLConfig, type ResolveOptions, loadQwen2VLCheckpoint, missingCheckpointFiles } from "../checkpoint/index.ts";
 import { DEFAULT_OPSET, GraphBuilder, IR_VERSION, type ModelSpec, type ValueInfoSpec, type WriteModelResult, writeModel } from "../onnx/index.ts";
 import { type BuildOptions, CONVERT_DTYPES, type ConvertDtype, ConvertError, ModuleEmitter, type TensorSource, floatTypeOf, quantConfigFor } from "./common.ts";
 import { LM_HEAD_SLICE_BYTES, type LmHeadMethod, buildDecoder } from "./decoder.ts";
@@ -458,6 +458,39 @@ function ioOf(v: ValueInfoSpec[]): ManifestGraph["inputs"] {
   return v.map((x) => ({ name: x.name, type: x.type, shape: x.shape }));
 }
 
+/** Whether `dir` holds a conversion of this converter (its manifest.json). */
+async function isConversion(dir: string): Promise<boolean> {
+  try {
+    return (JSON.parse(await readFile(join(dir, "manifest.json"), "utf8")) as { format?: unknown }).format === "qwen2-vl-onnx";
+  } catch {
+    return false;
+  }
+}
+
+/** Removes `<out>.tmp-<pid>` / `<out>.old-<pid>` folders that an interrupted conversion left (their process is gone). */
+async function removeStaleTemporaries(outDir: string): Promise<void> {
+  const prefix = basename(outDir);
+  let names: string[];
+  try {
+    names = await readdir(dirname(outDir));
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    const m = name.startsWith(prefix) ? /^\.(?:tmp|old)-(\d+)$/.exec(name.slice(prefix.length)) : null;
+    if (m && !processAlive(Number(m[1]))) await rm(join(dirname(outDir), name), { recursive: true, force: true });
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
 /** Converts a Qwen2-VL checkpoint into an ONNX folder (see the module comment for the layout). */
 export async function convertModel(options: ConvertOptions): Promise<ConvertResult> {
   const t0 = performance.now();
@@ -467,13 +500,29 @@ export async function convertModel(options: ConvertOptions): Promise<ConvertResu
   const outDir = resolve(options.outDir);
   let outExists = false;
   if (await exists(outDir)) {
-    if (!(await isEmptyDir(outDir)) && !options.overwrite) throw new ConvertError("output_exists", `${outDir}: already exists and is not empty (pass overwrite to replace it)`);
+    if (!(await isEmptyDir(outDir))) {
+      if (!options.overwrite) throw new ConvertError("output_exists", `${outDir}: already exists and is not empty (pass overwrite to replace a previous conversion)`);
+      // Overwrite replaces a previous conversion, never a folder of other files (the checkpoint itself, `.`).
+      if (!(await isConversion(outDir))) {
+        throw new ConvertError("output_exists", `${outDir}: not a folder this converter wrote (no manifest.json of it); overwrite replaces only a previous conversion`);
+      }
+    }
     outExists = true;
   }
+  await removeStaleTemporaries(outDir);
 
   const ckpt = await loadQwen2VLCheckpoint(options.model, options.resolve ?? {});
   const tmp = `${outDir}.tmp-${process.pid}`;
   try {
+    const src = await realpath(ckpt.dir);
+    const out = outExists ? await realpath(outDir) : outDir;
+    if (src === out || src.startsWith(out + sep)) {
+      throw new ConvertError("bad_options", `${outDir}: is (or holds) the checkpoint being converted; write the conversion to another folder`);
+    }
+    const missing = (await missingCheckpointFiles(ckpt.dir)).filter((f) => (REQUIRED_FILES as readonly string[]).includes(f));
+    if (missing.length > 0) {
+      throw new CheckpointError("not_found", `${ckpt.dir}: ${missing.join(", ")} missing; the served model needs them (copy or download the whole model repository)`);
+    }
     const buildOpts = {
       dtype,
       lastLogitsOnly: go.last_logits_only,
