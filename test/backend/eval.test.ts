@@ -5,7 +5,7 @@
  * (random weights: structure and consistency are checked, not accuracy) through the CLI as a subprocess.
  */
 import { execFile } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer, type IncomingMessage, type Server } from "node:http";
 import { tmpdir } from "node:os";
 import { basename, join, resolve } from "node:path";
@@ -357,6 +357,52 @@ describe("api mode", () => {
       expect(table).toMatch(/^overall\s+12\s+\d+\s+[\d.]+%/m);
       expect(table).toContain("skipped 888 (missing image)");
       expect(table).toContain("errors 1 (counted wrong: invalid_image 1)");
+    } finally {
+      server.close();
+    }
+  });
+
+  it("keeps every answered item when a run stops (an expired token), and --resume answers only the rest", async () => {
+    let accepted = 5; // the token "expires" after five answers
+    let requests = 0;
+    const server = createServer(async (req, res) => {
+      requests++;
+      for await (const _ of req);
+      const ok = accepted-- > 0;
+      res.writeHead(ok ? 200 : 401, { "content-type": "application/json" });
+      res.end(JSON.stringify(ok ? { model: "stub", raw: "<think>x</think><answer>A</answer>", finish_reason: "stop", usage: { completion_tokens: 9 } } : { error: { code: "token_expired", message: "expired" } }));
+    });
+    await new Promise<void>((ok) => server.listen(0, "127.0.0.1", ok));
+    const api = `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+    const { runEvalCli } = await import("../../scripts/eval.ts");
+    const io = { out: "", err: "", isTTY: false, stdout: (s: string) => void (io.out += s), stderr: (s: string) => void (io.err += s) };
+    const out = join(tmp, "resume", "results.json");
+    const journal = `${out}.partial.jsonl`;
+    const args = ["--data", SAMPLES, "--images", MEDVLM, "--api", api, "--token", "t", "--batch", "1", "--max-new-tokens", "64", "--out", out];
+    try {
+      expect(await runEvalCli(args, io)).toBe(1);
+      expect(io.err).toContain("answered 401 token_expired");
+      expect(io.err).toContain(`5 answered items are kept in ${journal}; run again with --resume`);
+      expect(readFileSync(journal, "utf8").trim().split("\n")).toHaveLength(1 + 5); // the settings, then one line per item
+      // Other settings cannot resume from it.
+      io.err = "";
+      expect(await runEvalCli([...args.slice(0, -4), "--max-new-tokens", "32", "--out", out, "--resume"], io)).toBe(1);
+      expect(io.err).toContain("it was written with other settings (max_new_tokens)");
+      accepted = 1000;
+      requests = 0;
+      expect(await runEvalCli([...args, "--resume"], io)).toBe(0);
+      expect(requests).toBe(7);
+      const results = JSON.parse(readFileSync(out, "utf8")) as { resumed_items: number; summary: { items: number }; items: { index: number }[] };
+      expect(results.resumed_items).toBe(5);
+      expect(results.summary.items).toBe(12);
+      expect(results.items.map((i) => i.index)).toEqual([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+      expect(existsSync(journal)).toBe(false);
+      // A results path that cannot be written fails before the first request.
+      requests = 0;
+      writeFileSync(join(tmp, "a-file"), "");
+      expect(await runEvalCli([...args.slice(0, -1), join(tmp, "a-file", "results.json")], io)).toBe(1);
+      expect(io.err).toContain("cannot write beside the results file");
+      expect(requests).toBe(0);
     } finally {
       server.close();
     }

@@ -130,6 +130,8 @@ export interface ResultsFile {
   engine: Record<string, string | number | null>;
   machine: Record<string, string | number | null>;
   dataset: { items: number; selected: number; skipped_indices: number[]; warnings: Record<string, number>; warning_indices: Record<string, number[]> };
+  /** Items answered by an earlier, interrupted run and taken from its journal (`--resume`); the summary's times exclude them. */
+  resumed_items: number;
   summary: Summary;
   items: ItemRecord[];
 }
@@ -165,6 +167,7 @@ export function buildResults(
     engine: run.engine.details,
     machine: s.machine ?? machineInfo(),
     dataset: { items: run.datasetItems, selected: run.selectedItems, skipped_indices: run.skippedIndices, warnings: counts, warning_indices: indices },
+    resumed_items: run.resumedItems,
     summary: run.summary,
     items: run.items.map((it) => {
       if (s.saveOutputs) return it;

@@ -79,6 +79,13 @@ export interface EvalOptions {
   onWarning?: (w: DatasetWarning) => void;
   /** Called after each item. */
   onProgress?: (p: Progress) => void;
+  /**
+   * Outputs of items an earlier run with the same settings answered (a resumed run, eval/journal.ts): those
+   * items are not run again and count in the summary as if answered now.
+   */
+  done?: readonly ItemOutput[];
+  /** Called with each output this run produces, as it arrives (the CLI's journal). */
+  onItem?: (out: ItemOutput) => void;
   /** fetch for api mode (tests). */
   fetch?: typeof fetch;
   /** Base delay of api retries in ms (default 500; tests use less). */
@@ -124,6 +131,8 @@ export interface EvalRun {
   selectedItems: number;
   /** Items left out for a missing image (with skipMissing), by file index. */
   skippedIndices: number[];
+  /** Items taken from {@link EvalOptions.done} instead of being run (their time is not in the summary's). */
+  resumedItems: number;
   engine: EngineInfo;
   params: GenerationParams;
   startedAt: string;
@@ -265,8 +274,8 @@ export function vqaUrl(base: string): string {
 const FATAL_STATUSES = new Set([401, 403, 404, 405]);
 /** `invalid_parameter` concerns what every request sends alike (max_new_tokens above the server's cap). */
 const FATAL_CODES = new Set(["invalid_parameter", "model_mismatch"]);
-/** Answers worth retrying (overload, a backend restarting). */
-const RETRY_STATUSES = new Set([429, 502, 503]);
+/** Answers worth retrying (overload, a backend restarting or failing for a moment, a timeout). */
+const RETRY_STATUSES = new Set([429, 500, 502, 503, 504]);
 const MAX_TRIES = 6;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -376,17 +385,21 @@ export async function runEvaluation(o: EvalOptions): Promise<EvalRun> {
 
   const params: GenerationParams = { ...DEFAULT_PARAMS, max_new_tokens: maxNewTokens, temperature: 0, seed: null, stop: [] };
   const startedAt = new Date().toISOString();
-  const outputs: ItemOutput[] = [];
-  let correct = 0;
+  const outputs = (o.done ?? []).filter((d) => selected.has(d.index));
+  const resumedItems = outputs.length;
+  const answered = new Set(outputs.map((d) => d.index));
+  const toRun = items.filter((i) => !answered.has(i.index));
+  let correct = outputs.filter((d) => gradeItem(d).correct).length;
   let t0 = performance.now();
   const onItem = (out: ItemOutput) => {
     outputs.push(out);
+    o.onItem?.(out);
     if (gradeItem(out).correct) correct++;
     o.onProgress?.({ done: outputs.length, total: items.length, correct, elapsedMs: elapsed(t0) });
   };
 
   let engine: EngineInfo;
-  if (items.length === 0) {
+  if (toRun.length === 0) {
     engine = { mode: o.target.kind, model: o.target.kind === "local" ? o.target.modelDir : o.target.baseUrl, details: {} };
   } else if (o.target.kind === "local") {
     const t = o.target;
@@ -407,7 +420,7 @@ export async function runEvaluation(o: EvalOptions): Promise<EvalRun> {
         },
       };
       t0 = performance.now();
-      await runLocalItems(model, items, { imagesDir: o.images, batch, params, ...(o.draftTokens ? { draftTokens: o.draftTokens } : {}), onItem });
+      await runLocalItems(model, toRun, { imagesDir: o.images, batch, params, ...(o.draftTokens ? { draftTokens: o.draftTokens } : {}), onItem });
     } finally {
       await releaseModel(model);
     }
@@ -416,7 +429,7 @@ export async function runEvaluation(o: EvalOptions): Promise<EvalRun> {
     let apiModel: string | null = null;
     const url = vqaUrl(t.baseUrl);
     t0 = performance.now();
-    await pool(items, batch, async (item) => {
+    await pool(toRun, batch, async (item) => {
       onItem(
         await apiItem(item, {
           url,
@@ -467,6 +480,7 @@ export async function runEvaluation(o: EvalOptions): Promise<EvalRun> {
     datasetItems: dataset.items.length,
     selectedItems: items.length + skippedIndices.length,
     skippedIndices,
+    resumedItems,
     engine,
     params,
     startedAt,
