@@ -188,6 +188,15 @@ describe("dataset", () => {
     ]);
   });
 
+  it("takes question and options from the problem's lines when an item has neither (the model card's form)", () => {
+    const problem = "What is shown?\nA) Brain\nB) Knee\nC) Lung\nD) Liver";
+    const ds = parseDataset([rawItem({ question: undefined, options: undefined, problem })]);
+    expect(ds.items[0]).toMatchObject({ question: "What is shown?", options: ["Brain", "Knee", "Lung", "Liver"], problem, problemMatches: true });
+    expect(ds.warnings).toEqual([]);
+    // A problem without option lines cannot stand in for them.
+    expect(() => parseDataset([rawItem({ question: undefined, options: undefined, problem: "Free text" })])).toThrow("item 0: field 'question' is missing");
+  });
+
   it("uses the problem's text when it differs from question + options (warned), as the reference prompt did", () => {
     const problem = "What organ is shown?\nA) Brain\nB) Knee";
     const ds = parseDataset([rawItem(), rawItem({ problem }), rawItem({ problem: "Free text with no option lines" })]);

@@ -9,7 +9,8 @@
  * - `image` may be a single string instead of a one-element list; a longer list uses its first path (the
  *   reference reads `image[0]` only) with a warning;
  * - `problem`, `answer`, `dataset` and `subset` may be missing (`problem` is then built from `question` and
- *   `options`, as the reference's data builder does);
+ *   `options`, as the reference's data builder does); `question` and `options` may both be missing when
+ *   `problem` ends in its option lines (`A) …`), which they are then read from (the model card's items);
  * - `answer` (the option text) is not used for scoring (the reference scores `solution`); when it disagrees
  *   with `options[solution]`, the item gets a warning.
  *
@@ -133,10 +134,14 @@ export function parseItem(raw: unknown, index: number, warnings: DatasetWarning[
   else fail(index, "image", `must be a list with one image path, got ${kindOf(img)}`);
   if (image.trim() === "") fail(index, "image", "must be a non-empty path");
 
-  const question = str(obj, index, "question", true);
+  // The reference reads only image, problem and solution (the model card's items have no question or options):
+  // without both, they come from the problem's own lines.
+  const problemField = str(obj, index, "problem", false);
+  const fromProblem = obj.question == null && obj.options == null && problemField !== null ? splitProblem(problemField) : null;
+  const question = fromProblem?.question ?? str(obj, index, "question", true);
   if (question.trim() === "") fail(index, "question", "is empty");
 
-  const opts = obj.options;
+  const opts: unknown = fromProblem?.options ?? obj.options;
   if (opts === undefined || opts === null) fail(index, "options", "is missing");
   if (!Array.isArray(opts)) fail(index, "options", `must be a list of strings, got ${kindOf(opts)}`);
   if (opts.length < MIN_OPTIONS || opts.length > MAX_OPTIONS) {
@@ -156,7 +161,6 @@ export function parseItem(raw: unknown, index: number, warnings: DatasetWarning[
   }
 
   const built = formatProblem(question, options);
-  const problemField = str(obj, index, "problem", false);
   const problem = problemField ?? built;
   if (problem.trim() === "") fail(index, "problem", "is empty");
   const problemMatches = problem === built;
