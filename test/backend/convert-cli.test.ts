@@ -23,14 +23,16 @@ function io(isTTY: boolean): CliIO & { out: string; err: string } {
   return r;
 }
 
+/** A copy of tiny-a at `dir` made of symlinks, without the files in `except`. */
+function linkedCopy(dir: string, except: readonly string[] = []): string {
+  mkdirSync(dir);
+  for (const f of readdirSync(TINY)) if (!except.includes(f)) symlinkSync(join(TINY, f), join(dir, f));
+  return dir;
+}
+
 /** A copy of tiny-a whose config.json is edited (weights symlinked, not copied). */
 function variant(name: string, edit: (cfg: Record<string, unknown>) => void): string {
-  const dir = join(tmp, name);
-  mkdirSync(dir);
-  for (const f of readdirSync(TINY)) {
-    if (f === "config.json") continue;
-    symlinkSync(join(TINY, f), join(dir, f));
-  }
+  const dir = linkedCopy(join(tmp, name), ["config.json"]);
   const cfg = JSON.parse(readFileSync(join(TINY, "config.json"), "utf8"));
   edit(cfg);
   writeFileSync(join(dir, "config.json"), JSON.stringify(cfg));
@@ -246,9 +248,7 @@ describe("convertModel failures leave nothing half-written", () => {
 
   it("never deletes the checkpoint: the checkpoint folder itself, or a conversion folder holding it, is refused", async () => {
     // `--model X --out X --overwrite`: X is not a conversion, so overwrite does not touch it (X: links to tiny-a).
-    const x = join(tmp, "x");
-    mkdirSync(x);
-    for (const f of readdirSync(TINY)) symlinkSync(join(TINY, f), join(x, f));
+    const x = linkedCopy(join(tmp, "x"));
     const o = io(false);
     expect(await runConvertCli(["--model", x, "--out", x, "--overwrite"], o)).toBe(1);
     expect(o.err).toMatch(/convert failed \[output_exists\]: .*overwrite replaces only a previous conversion/);
@@ -256,18 +256,14 @@ describe("convertModel failures leave nothing half-written", () => {
     // A previous conversion that the checkpoint was later put inside.
     const conv = join(tmp, "holder");
     await convertModel({ model: TINY, outDir: conv, appendDecoder: false });
-    const inner = join(conv, "ckpt");
-    mkdirSync(inner);
-    for (const f of readdirSync(TINY)) symlinkSync(join(TINY, f), join(inner, f));
+    const inner = linkedCopy(join(conv, "ckpt"));
     const err = await convertModel({ model: inner, outDir: conv, overwrite: true }).catch((e: unknown) => e);
     expect((err as ConvertError).code).toBe("bad_options");
     expect(existsSync(join(inner, "config.json"))).toBe(true);
   });
 
   it("a checkpoint without its tokenizer or preprocessor config is not_found, naming them, before anything is written", async () => {
-    const dir = join(tmp, "no-tokenizer");
-    mkdirSync(dir);
-    for (const f of readdirSync(TINY)) if (f !== "tokenizer.json" && f !== "preprocessor_config.json") symlinkSync(join(TINY, f), join(dir, f));
+    const dir = linkedCopy(join(tmp, "no-tokenizer"), ["tokenizer.json", "preprocessor_config.json"]);
     const out = join(tmp, "no-tokenizer-out");
     const err = await convertModel({ model: dir, outDir: out }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(CheckpointError);
