@@ -182,15 +182,20 @@ describe("convert CLI", () => {
   });
 });
 
+/** Converting `model` into `<tmp>/<outName>` fails with a `type` error of `code` whose message has `says`; nothing is written. */
+async function failsClearly(model: string, outName: string, type: typeof CheckpointError | typeof ConvertError, code: string, says: string | RegExp): Promise<void> {
+  const out = join(tmp, outName);
+  const err = await convertModel({ model, outDir: out }).catch((e: unknown) => e);
+  expect(err).toBeInstanceOf(type);
+  expect((err as CheckpointError | ConvertError).code).toBe(code);
+  expect((err as Error).message).toMatch(says);
+  nothingWritten(out);
+}
+
 describe("convertModel failures leave nothing half-written", () => {
   it("missing tensor: names it", async () => {
     const src = variant("three-layers", (c) => (c["num_hidden_layers"] = 3));
-    const out = join(tmp, "missing");
-    const err = await convertModel({ model: src, outDir: out }).catch((e: unknown) => e);
-    expect(err).toBeInstanceOf(CheckpointError);
-    expect((err as CheckpointError).code).toBe("missing_tensor");
-    expect((err as Error).message).toContain("model.layers.2.self_attn.q_proj.weight");
-    nothingWritten(out);
+    await failsClearly(src, "missing", CheckpointError, "missing_tensor", "model.layers.2.self_attn.q_proj.weight");
   });
 
   it("unsupported architecture: names it", async () => {
@@ -206,11 +211,7 @@ describe("convertModel failures leave nothing half-written", () => {
 
   it("unsupported activation: names the setting", async () => {
     const src = variant("relu", (c) => ((c["vision_config"] as Record<string, unknown>)["hidden_act"] = "relu"));
-    const err = await convertModel({ model: src, outDir: join(tmp, "relu-out") }).catch((e: unknown) => e);
-    expect(err).toBeInstanceOf(ConvertError);
-    expect((err as ConvertError).code).toBe("unsupported");
-    expect((err as Error).message).toMatch(/vision_config\.hidden_act "relu"/);
-    nothingWritten(join(tmp, "relu-out"));
+    await failsClearly(src, "relu-out", ConvertError, "unsupported", /vision_config\.hidden_act "relu"/);
   });
 
   it("a failure in the middle of writing removes the temporary folder", async () => {
@@ -264,12 +265,7 @@ describe("convertModel failures leave nothing half-written", () => {
 
   it("a checkpoint without its tokenizer or preprocessor config is not_found, naming them, before anything is written", async () => {
     const dir = linkedCopy(join(tmp, "no-tokenizer"), ["tokenizer.json", "preprocessor_config.json"]);
-    const out = join(tmp, "no-tokenizer-out");
-    const err = await convertModel({ model: dir, outDir: out }).catch((e: unknown) => e);
-    expect(err).toBeInstanceOf(CheckpointError);
-    expect((err as CheckpointError).code).toBe("not_found");
-    expect((err as Error).message).toContain("tokenizer.json, preprocessor_config.json missing");
-    nothingWritten(out);
+    await failsClearly(dir, "no-tokenizer-out", CheckpointError, "not_found", "tokenizer.json, preprocessor_config.json missing");
   });
 
   it("removes temporary folders an interrupted conversion left (its process gone), keeps a live one's", async () => {
