@@ -6,16 +6,19 @@
  * - decode tokens/s end to end (`runGeneration`) without drafts and with prompt-lookup drafts of each size,
  *   interleaved, on two texts: greedy (random test weights repeat one token, which the lookup drafts right —
  *   the best case) and sampled (temperature 1 among the 3 likeliest tokens, seeded — short runs, so drafts
- *   are often wrong). Each run checks that the tokens equal the draft-free run's.
+ *   are often wrong). Each run checks that the tokens equal the draft-free run's;
+ * - the same on MedVLM-R1's own published output (`RECORDED_OUTPUT`, the knee example's prompt), replayed: each
+ *   token is the recorded one, the drafts come from prompt lookup as in serving, so the passes and the draft tokens
+ *   kept are those the real weights would give if they chose these tokens (greedy decoding does).
  */
 import type { ChatMessage } from "../../shared/src/chat-template.ts";
 import { DEFAULT_PARAMS, type GenerationParams } from "../../shared/src/wire.ts";
 import { Sequence } from "../../gpu-backend/src/engine/generate.ts";
 import { loadModel, releaseModel } from "../../gpu-backend/src/engine/model.ts";
 import { buildPrompt, createTokenizer } from "../../gpu-backend/src/engine/prompt.ts";
-import { runGeneration } from "../../gpu-backend/src/engine/run.ts";
+import { runGeneration, type GenerationOptions } from "../../gpu-backend/src/engine/run.ts";
 import { childArgs, childDone, childMain, peakRss, spread, type Spread } from "../lib/common.ts";
-import { evalPrompt, forcedIds } from "../lib/workload.ts";
+import { evalPrompt, forcedIds, recordedWorkload } from "../lib/workload.ts";
 
 export interface DraftArgs {
   modelDir: string;
@@ -38,7 +41,7 @@ export interface PassCost {
 }
 
 export interface DraftRun {
-  text: "greedy" | "sampled";
+  text: "greedy" | "sampled" | "recorded";
   /** 0: no drafts. */
   draft_tokens: number;
   /** Decode tokens/s (tokens after the first / decode time), per run. */
@@ -91,18 +94,22 @@ childMain(async () => {
   for (const p of passes) process.stderr.write(`  ${label}: pass of ${p.tokens} token(s) ${p.ms.median.toFixed(1)} ms (×${p.ratio.toFixed(2)})\n`);
 
   // End to end.
-  const texts: Record<DraftRun["text"], GenerationParams> = {
-    greedy: { ...DEFAULT_PARAMS, max_new_tokens: a.tokens },
-    sampled: { ...DEFAULT_PARAMS, temperature: 1, top_k: 3, top_p: 1, max_new_tokens: a.tokens, seed: 1 },
+  const rec = await recordedWorkload();
+  const recPrompt = await buildPrompt(model, createTokenizer(model), rec.messages, rec.baseDir);
+  const recIds = [...createTokenizer(model).encode(rec.output), model.meta.eos_token_ids[0]!];
+  const texts: Record<DraftRun["text"], { prompt: typeof prompt; params: GenerationParams; opts?: GenerationOptions }> = {
+    greedy: { prompt, params: { ...DEFAULT_PARAMS, max_new_tokens: a.tokens } },
+    sampled: { prompt, params: { ...DEFAULT_PARAMS, temperature: 1, top_k: 3, top_p: 1, max_new_tokens: a.tokens, seed: 1 } },
+    recorded: { prompt: recPrompt, params: { ...DEFAULT_PARAMS, max_new_tokens: recIds.length }, opts: { forcedIds: recIds, forcedDrafts: "lookup" } },
   };
   const settings = [0, ...a.draftTokens];
   const runs: DraftRun[] = [];
-  for (const [text, params] of Object.entries(texts) as [DraftRun["text"], GenerationParams][]) {
+  for (const [text, { prompt: input, params, opts }] of Object.entries(texts) as [DraftRun["text"], (typeof texts)[DraftRun["text"]]][]) {
     const acc = settings.map(() => ({ tok_s: [] as number[], passes: 0, tokens: 0, proposed: 0, accepted: 0, same: true }));
     for (let r = 0; r < a.runs; r++) {
       let reference: number[] | null = null;
       for (const [i, k] of settings.entries()) {
-        const out = await runGeneration(model, prompt, params, { draftTokens: k });
+        const out = await runGeneration(model, input, params, { ...opts, draftTokens: k });
         const passMs = out.timings.decode_ms_per_pass;
         const n = out.generatedIds.length - 1;
         const s = acc[i]!;

@@ -15,6 +15,8 @@ import type { ConvertDtype } from "../../gpu-backend/src/convert/index.ts";
 export const ROOT = resolve(fileURLToPath(new URL("../..", import.meta.url)));
 export const BENCH_DIR = join(ROOT, "bench");
 export const GOLDEN_DIR = resolve(ROOT, "..", "shared", "golden");
+/** The model card's examples and the evaluation set's format (../shared/medvlm-r1). */
+export const MEDVLM_DIR = resolve(ROOT, "..", "shared", "medvlm-r1");
 export const TSX = join(ROOT, "node_modules", "tsx", "dist", "cli.mjs");
 export const DEFAULT_CACHE = join(tmpdir(), "medvlm-bench-cache");
 

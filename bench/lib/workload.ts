@@ -5,8 +5,10 @@
  */
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
+import type { ChatMessage } from "../../shared/src/chat-template.ts";
+import { loadDataset, promptFor } from "../../gpu-backend/src/eval/dataset.ts";
 import { Xoshiro128StarStar } from "../../gpu-backend/src/engine/sampling.ts";
-import { GOLDEN_DIR } from "./common.ts";
+import { GOLDEN_DIR, MEDVLM_DIR } from "./common.ts";
 
 /**
  * `<think>The image is an axial brain MRI. There is a bright area in the white matter on the FLAIR sequence,
@@ -68,4 +70,33 @@ export function poissonArrivals(n: number, ratePerS: number, seed: number): numb
     t += (-Math.log(1 - rng.nextDouble()) / ratePerS) * 1000;
   }
   return out;
+}
+
+/**
+ * MedVLM-R1's own answer to the model card's knee MRI example ("What can be observed in this image?", samples.json's
+ * `images/knee031316.png`), as its authors published it (github.com/JZPeterPan/MedVLM-R1, README and demo.ipynb,
+ * Apache-2.0): greedy decoding of the real bf16 weights. The one output of the real model at hand; replayed through
+ * prompt lookup (`forcedDrafts: "lookup"`) it shows how often drafts guess MedVLM-R1's own text.
+ */
+export const RECORDED_OUTPUT =
+  "<think>\n    The image is a magnetic resonance imaging (MRI) scan of a knee joint. The scan shows a chondral abnormality, which is a type " +
+  "of cartilage damage. This is evident from the irregular shape and the presence of a defect in the cartilage.\n</think>\n\n<answer>A</answer>";
+
+export interface RecordedWorkload {
+  /** The item's chat messages, built as the eval harness builds them, the image path relative to `baseDir`. */
+  messages: ChatMessage[];
+  baseDir: string;
+  output: string;
+}
+
+/** The prompt {@link RECORDED_OUTPUT} answers: the knee item of ../shared/medvlm-r1/samples.json. */
+export async function recordedWorkload(): Promise<RecordedWorkload> {
+  const image = "images/knee031316.png";
+  const { items } = await loadDataset(join(MEDVLM_DIR, "samples.json"));
+  const item = items.find((it) => it.image === image);
+  if (!item) throw new Error(`samples.json has no item for ${image}`);
+  const messages = promptFor(item).messages.map((m) =>
+    typeof m.content === "string" ? m : { ...m, content: m.content.map((c) => (c.type === "image" ? { ...c, image } : c)) },
+  );
+  return { messages, baseDir: MEDVLM_DIR, output: RECORDED_OUTPUT };
 }

@@ -1,9 +1,10 @@
 /**
  * `draft`: speculative decoding (the engine's `DRAFT_TOKENS`) per variant, one sequence: what a decoder pass
  * over 1 + k tokens costs against a one-token step, decode tokens/s with prompt-lookup drafts of k tokens
- * (at most; the engine adapts the size) against none on a best-case text and a mixed one (same run,
- * interleaved), and — since random test weights cannot say how often MedVLM-R1's own text is drafted right — the
- * speedup drafts of exactly k tokens give at a range of acceptance rates, from the measured pass costs. Default variants: int4 and int8-w8a8.
+ * (at most; the engine adapts the size) against none on a best-case text, a mixed one and MedVLM-R1's one published
+ * answer replayed (same run, interleaved), and — since random test weights cannot say how often MedVLM-R1's own text
+ * is drafted right in general — the speedup drafts of exactly k tokens give at a range of acceptance rates, from the
+ * measured pass costs. Default variants: int4 and int8-w8a8.
  */
 import type { DraftArgs, DraftResult } from "../children/draft.ts";
 import { type BenchOptions, childErrorText, fmt, fmtBytes, log, runChild, table, finishSuite } from "../lib/common.ts";
@@ -62,7 +63,8 @@ export async function draftSuite(opts: BenchOptions): Promise<{ file: string; bo
     }
   }
   text +=
-    "greedy: random test weights repeat one token, which prompt lookup drafts right (the best case); sampled: temperature 1 among the 3 likeliest tokens (seed 1), short runs, drafts often wrong.\n" +
-    "MedVLM-R1's own acceptance rate: npm run eval -- --batch 1 --draft-tokens K (real weights) reports it.\n";
+    "greedy: random test weights repeat one token, which prompt lookup drafts right (the best case); sampled: temperature 1 among the 3 likeliest tokens (seed 1), short runs, drafts often wrong;\n" +
+    "recorded: MedVLM-R1's published greedy answer to the model card's knee example (its own prompt), replayed: the recorded tokens, drafts by prompt lookup as in serving.\n" +
+    "MedVLM-R1's acceptance rate over a whole dataset: npm run eval -- --batch 1 --draft-tokens K (real weights) reports it.\n";
   return finishSuite(opts, "draft", text, { machine, size: models.size, failures }, { results });
 }

@@ -61,6 +61,28 @@ describe("speculative decoding", () => {
     expect(worst).toBeLessThanOrEqual(1e-4);
   }, 120_000);
 
+  it("a forced continuation drafted by lookup (a recorded output replayed): the same tokens and logits, its drafts checked like serving's", async () => {
+    const c = cases[0]!;
+    const prompt = await promptOf(tiny.model, c);
+    // A stretch of the prompt (which the lookup finds once its first tokens are out), then the model's own text.
+    const forced = [...Array.from(prompt.inputIds).slice(-40, -20), ...c.generated_ids.slice(0, 8)];
+    const params = { ...DEFAULT_PARAMS, max_new_tokens: 64 };
+    const scored = await runGeneration(tiny.model, prompt, params, { forcedIds: forced, topK: 5, draftTokens: 4 });
+    const replay = await runGeneration(tiny.model, prompt, params, { forcedIds: forced, topK: 5, draftTokens: 4, forcedDrafts: "lookup" });
+    expect(replay.generatedIds).toEqual(forced);
+    expect(scored.drafts.accepted).toBe(scored.drafts.proposed);
+    expect(replay.drafts.accepted).toBeGreaterThan(0);
+    expect(replay.drafts.proposed).toBeGreaterThan(replay.drafts.accepted);
+    // Passes after the prefill: one per token but the first, less the draft tokens kept, plus the step scored after the last.
+    expect(replay.timings.decode_ms_per_pass.length + replay.drafts.accepted).toBe(forced.length);
+    expect(replay.timings.decode_ms_per_pass.length).toBeGreaterThan(scored.timings.decode_ms_per_pass.length);
+    replay.steps.forEach((s, k) => {
+      const want = scored.steps[k]!.top5;
+      expect(s.top5.map((p) => p[0]), `step ${k}`).toEqual(want.map((p) => p[0]));
+      for (let i = 0; i < 5; i++) expect(Math.abs(s.top5[i]![1] - want[i]![1])).toBeLessThanOrEqual(1e-4);
+    });
+  }, 120_000);
+
   it("a wrong draft yields the model's own token, and its rejected tokens leave the cache", async () => {
     const c = cases[0]!;
     const gen = new Generation(tiny.model, await promptOf(tiny.model, c), greedy(c));

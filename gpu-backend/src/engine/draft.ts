@@ -1,10 +1,9 @@
 /**
  * Drafts for speculative decoding by prompt lookup: the tokens that followed the latest earlier occurrence of
- * the text's last few tokens. MedVLM-R1's reasoning quotes its question and options and closes with a fixed
- * `</think>\n<answer>…</answer>` frame, which such a lookup finds without a draft model. A draft only
- * proposes: the decoder checks it in one pass and keeps the tokens it would have chosen anyway
- * (`Generation.advance`), so the output is the same with or without it (int4's near-ties aside: see
- * `Sequence.verify`).
+ * the text's last few tokens. Free, and right where a text repeats or quotes its prompt; MedVLM-R1's published
+ * answer mostly paraphrases (bench/PERF.md item 16). A draft only proposes: the decoder checks it in one pass and
+ * keeps the tokens it would have chosen anyway (`Generation.advance`), so the output is the same with or without it
+ * (int4's near-ties aside: see `Sequence.verify`).
  */
 
 /** Options of {@link promptLookupDraft}. */

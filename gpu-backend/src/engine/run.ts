@@ -42,6 +42,12 @@ export interface GenerationOptions {
    * one token per pass. The tokens are the same either way, int4's near-ties aside (see {@link Generation.advance}).
    */
   draftTokens?: number;
+  /**
+   * Where a forced continuation's drafts come from: "forced" (default) drafts the continuation itself, which scores
+   * it in passes of several tokens; "lookup" drafts by prompt lookup as serving does, so that replaying a recorded
+   * output measures what speculative decoding gains on that text.
+   */
+  forcedDrafts?: "forced" | "lookup";
 }
 
 export class Generation {
@@ -113,8 +119,8 @@ export class Generation {
 
   /**
    * A draft of up to `maxTokens` tokens (fewer after rejected drafts, see {@link draftSize}) to follow
-   * {@link lastId}, for {@link advance}: a forced continuation's next tokens, else a prompt lookup over the
-   * prompt and the tokens so far. Empty when `maxTokens` is 0, the decoder cannot check drafts, or nothing
+   * {@link lastId}, for {@link advance}: a forced continuation's next tokens (unless `forcedDrafts` is "lookup"),
+   * else a prompt lookup over the prompt and the tokens so far. Empty when `maxTokens` is 0, the decoder cannot check drafts, or nothing
    * matches; never longer than the tokens the request may still generate or the context still holds, less the
    * one the pass yields anyway.
    */
@@ -124,7 +130,7 @@ export class Generation {
     const room = Math.min(this.draftSize, this.maxNew - this.generatedIds.length - 1, this.seq.contextLeft - 1);
     if (!(room > 0)) return [];
     const forced = this.opts.forcedIds;
-    if (forced) return forced.slice(this.generatedIds.length, this.generatedIds.length + room);
+    if (forced && this.opts.forcedDrafts !== "lookup") return forced.slice(this.generatedIds.length, this.generatedIds.length + room);
     const context = [...Array.from(this.prompt.inputIds), ...this.generatedIds];
     return promptLookupDraft(context, { maxTokens: room });
   }
