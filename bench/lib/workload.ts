@@ -82,6 +82,9 @@ export const RECORDED_OUTPUT =
   "<think>\n    The image is a magnetic resonance imaging (MRI) scan of a knee joint. The scan shows a chondral abnormality, which is a type " +
   "of cartilage damage. This is evident from the irregular shape and the presence of a defect in the cartilage.\n</think>\n\n<answer>A</answer>";
 
+/** {@link RECORDED_OUTPUT}'s length in the Qwen2 tokenizer, the closing `<|im_end|>` included (test/backend/bench.test.ts checks it). */
+export const RECORDED_OUTPUT_TOKENS = 67;
+
 export interface RecordedWorkload {
   /** The item's chat messages, built as the eval harness builds them, the image path relative to `baseDir`. */
   messages: ChatMessage[];

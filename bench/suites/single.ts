@@ -1,7 +1,7 @@
 /**
  * `single`: one stream, the MedVLM-R1 eval prompt, per dtype in its own child process (load time, vision,
  * TTFT, decode tok/s, peak RSS), and transformers.js on our fp32 files in the same run as the peer:
- * ours/theirs for TTFT and decode tok/s.
+ * ours/theirs for TTFT and decode tok/s, and what they make of an answer of MedVLM-R1's length.
  */
 import { mkdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
@@ -9,7 +9,7 @@ import type { RunSample, SingleArgs, SingleResult } from "../children/single.ts"
 import type { TjsArgs, TjsResult } from "../children/tjs.ts";
 import { type BenchOptions, type Dtype, type Spread, childErrorText, fmt, fmtBytes, fmtSpread, log, runChild, spread, table, finishSuite } from "../lib/common.ts";
 import { graphBytes, prepareVariants } from "../lib/models.ts";
-import { evalPrompt, forcedIds } from "../lib/workload.ts";
+import { RECORDED_OUTPUT_TOKENS, evalPrompt, forcedIds } from "../lib/workload.ts";
 
 export interface SingleSummary {
   load_s: number;
@@ -37,6 +37,15 @@ export function summarize(r: SingleResult | TjsResult): SingleSummary {
     cold_ttft_ms: r.cold?.ttft_ms ?? NaN,
     peak_rss_bytes: r.peak_rss_bytes ?? NaN,
   };
+}
+
+/**
+ * Seconds to a whole answer of `tokens` tokens, from the medians: the first token at TTFT, the rest at the decode rate.
+ * MedVLM-R1's answers are short (its published one: {@link RECORDED_OUTPUT_TOKENS} tokens), so the first token weighs
+ * about as much as all the others.
+ */
+export function answerSeconds(s: Pick<SingleSummary, "ttft_ms" | "decode_tok_s">, tokens: number): number {
+  return s.ttft_ms.median / 1000 + (tokens - 1) / s.decode_tok_s.median;
 }
 
 /** Several children's results as one: all timed runs, median load time, highest peak RSS, the first's warm-up. */
@@ -185,6 +194,20 @@ export async function singleSuite(opts: BenchOptions): Promise<{ file: string; b
       `TTFT ×${fmt(ratios.ttft_ours_over_theirs, 2)} [${pr("ttft")}] (lower is better), decode tok/s ×${fmt(ratios.decode_tok_s_ours_over_theirs, 2)} [${pr("decode_tok_s")}] (higher is better); ` +
       `best-run decode ×${fmt(ratios.decode_tok_s_best_ratio, 2)}; load ×${fmt(ratios.load_ours_over_theirs, 2)}, peak RSS ×${fmt(ratios.peak_rss_ours_over_theirs, 2)}\n`;
   }
+  const answer = {
+    tokens: RECORDED_OUTPUT_TOKENS,
+    seconds: Object.fromEntries([
+      ...Object.entries(summaries).map(([d, s]) => [`ours ${d}`, answerSeconds(s, RECORDED_OUTPUT_TOKENS)]),
+      ...(tjsSummary ? [["transformers.js fp32", answerSeconds(tjsSummary, RECORDED_OUTPUT_TOKENS)]] : []),
+    ]) as Record<string, number>,
+  };
+  const tjsAnswer = answer.seconds["transformers.js fp32"];
+  out +=
+    `a whole answer of MedVLM-R1's length (${answer.tokens} tokens, its published answer; TTFT + ${answer.tokens - 1} tokens at the median decode rate): ` +
+    Object.entries(answer.seconds)
+      .map(([k, v]) => `${k} ${fmt(v, 2)} s${tjsAnswer && !k.startsWith("transformers") ? ` (×${fmt(v / tjsAnswer, 2)})` : ""}`)
+      .join(", ") +
+    "\n";
   if (parity.transformers_js_vs_ours_fp32) out += `greedy argmax agreement ours fp32 vs transformers.js: ${parity.transformers_js_vs_ours_fp32.agreeing_prefix}/${parity.transformers_js_vs_ours_fp32.of} steps\n`;
   for (const [d, v] of Object.entries(parity.dtypes_vs_fp32)) out += `greedy argmax agreement ${d} vs fp32: ${v.agreeing_prefix}/${v.of} steps\n`;
   if (tjs && !tjs.ok) out += `transformers.js could not run on our files (${tjs.error?.stage}): ${tjs.error?.message}\n`;
@@ -197,6 +220,7 @@ export async function singleSuite(opts: BenchOptions): Promise<{ file: string; b
     transformers_js: tjs,
     transformers_js_summary: tjsSummary,
     ratios,
+    answer,
     parity,
   });
 }

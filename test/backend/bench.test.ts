@@ -8,13 +8,15 @@ import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import type { ArrivalsRun } from "../../bench/children/arrivals.ts";
 import { conversionMismatch } from "../../bench/lib/models.ts";
-import { poissonArrivals } from "../../bench/lib/workload.ts";
+import { poissonArrivals, RECORDED_OUTPUT, RECORDED_OUTPUT_TOKENS } from "../../bench/lib/workload.ts";
 import { parseBenchArgs, runBench, UsageError } from "../../bench/run.ts";
 import { summarizeArrivals } from "../../bench/suites/arrivals.ts";
 import { expectedTokensPerPass } from "../../bench/suites/draft.ts";
+import { answerSeconds } from "../../bench/suites/single.ts";
 import { attentionChunks } from "../../bench/suites/vision.ts";
 import { CONVERTER_REVISION } from "../../gpu-backend/src/convert/index.ts";
-import { PROJECT_ROOT } from "../support/golden.ts";
+import { BpeTokenizer } from "../../shared/src/tokenizer/index.ts";
+import { GOLDEN_DIR, PROJECT_ROOT } from "../support/golden.ts";
 
 const work = mkdtempSync(join(tmpdir(), "bench-smoke-"));
 const common = ["--quick", "--cache", join(work, "cache"), "--results-dir", join(work, "results")];
@@ -127,7 +129,21 @@ describe("bench (quick, tiny model)", () => {
     expect(positive(r.ratios.ttft_ours_over_theirs) && positive(r.ratios.decode_tok_s_ours_over_theirs)).toBe(true);
     // Same files, same prompt: transformers.js's greedy choices equal ours (tiny model: golden ids).
     expect(r.parity.transformers_js_vs_ours_fp32.agreeing_prefix).toBe(r.transformers_js.argmax_ids.length);
+    expect(r.answer.tokens).toBe(RECORDED_OUTPUT_TOKENS);
+    expect(Object.keys(r.answer.seconds)).toEqual(["ours fp32", "ours int4", "transformers.js fp32"]);
+    expect(r.answer.seconds["ours int4"]).toBeCloseTo(answerSeconds(r.summaries.int4, RECORDED_OUTPUT_TOKENS), 9);
   }, 300_000);
+
+  it("single: a whole answer's time is the first token's plus the rest at the decode rate", () => {
+    const s = { ttft_ms: { median: 1500, min: 0, max: 0, n: 1 }, decode_tok_s: { median: 10, min: 0, max: 0, n: 1 } };
+    expect(answerSeconds(s, 21)).toBeCloseTo(3.5, 12);
+    expect(answerSeconds(s, 1)).toBeCloseTo(1.5, 12);
+  });
+
+  it("the recorded answer's token count: MedVLM-R1's published answer in the Qwen2 tokenizer, <|im_end|> included", () => {
+    const tok = BpeTokenizer.fromTokenizerJson(JSON.parse(readFileSync(join(GOLDEN_DIR, "tiny-a", "tokenizer.json"), "utf8")));
+    expect(tok.encode(RECORDED_OUTPUT).length + 1).toBe(RECORDED_OUTPUT_TOKENS);
+  });
 
   it("bandwidth: a measured bound and each dtype's fraction of it (int8-w8a8 converted on demand)", async () => {
     const [file] = await runBench(["bandwidth", ...common, "--dtypes", "int4,int8-w8a8"]);
