@@ -239,6 +239,40 @@ describe("POST /v1/chat/completions", () => {
       expect(((await res.json()) as { error: { code: string } }).error.code).toBe("invalid_parameter");
     }
   });
+
+  it("refuses OpenAI features it does not have (422), and lets their neutral values through", async () => {
+    const chat = async (extra: Record<string, unknown>) =>
+      call(
+        await authed("/v1/chat/completions", {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ messages: [{ role: "user", content: "hi" }], max_tokens: 4, ...extra }),
+        }),
+      );
+    const refused = [
+      { logprobs: true },
+      { top_logprobs: 3 },
+      { tools: [{ type: "function", function: { name: "f" } }] },
+      { tool_choice: "auto" },
+      { functions: [{ name: "f" }] },
+      { response_format: { type: "json_object" } },
+      { frequency_penalty: 0.5 },
+      { presence_penalty: -1 },
+      { logit_bias: { "42": 5 } },
+    ];
+    for (const extra of refused) {
+      const res = await chat(extra);
+      expect(res.status, JSON.stringify(extra)).toBe(422);
+      const body = (await res.json()) as { error: { code: string; message: string } };
+      expect(body.error.code).toBe("invalid_parameter");
+      expect(body.error.message).toMatch(/not supported|only/);
+    }
+    expect(backend.requests).toHaveLength(0);
+    const neutral = { logprobs: false, tools: [], tool_choice: "none", response_format: { type: "text" }, frequency_penalty: 0, presence_penalty: 0, logit_bias: {} };
+    const res = await chat(neutral);
+    expect(res.status).toBe(200);
+    expect(backend.requests).toHaveLength(1);
+  });
 });
 
 describe("streaming /v1/vqa", () => {

@@ -31,6 +31,21 @@ function optionalNumber(body: Record<string, unknown>, key: string, min: number,
   return v;
 }
 
+/**
+ * OpenAI features this service does not have. Asked for in earnest, each is refused (422), not ignored: a client that
+ * asks for log probabilities, tool calls, a JSON schema or penalties would otherwise get a reply that silently lacks
+ * them. Their neutral values (false, [], "none", "text", 0, {}) pass, as generic clients send them.
+ */
+function refuseUnsupported(b: Record<string, unknown>): void {
+  const set = (k: string) => b[k] !== undefined && b[k] !== null;
+  if ((set("logprobs") && b.logprobs !== false) || set("top_logprobs")) throw param("logprobs are not supported");
+  if ((set("tools") && !(Array.isArray(b.tools) && b.tools.length === 0)) || set("functions")) throw param("tools are not supported");
+  if (set("tool_choice") && b.tool_choice !== "none") throw param("tools are not supported");
+  if (set("response_format") && (b.response_format as { type?: unknown }).type !== "text") throw param("only response_format {type: \"text\"} is supported");
+  for (const k of ["frequency_penalty", "presence_penalty"]) if (set(k) && b[k] !== 0) throw param(`${k} is not supported (only 0)`);
+  if (set("logit_bias") && !(typeof b.logit_bias === "object" && Object.keys(b.logit_bias as object).length === 0)) throw param("logit_bias is not supported");
+}
+
 /** OpenAI request → chat-template messages, the images in order, and generation parameters. */
 export function parseChatRequest(
   body: unknown,
@@ -41,6 +56,7 @@ export function parseChatRequest(
   if (!Array.isArray(b.messages) || b.messages.length === 0) throw new ApiError("invalid_request", "messages must be a non-empty array");
   if (b.messages.length > MAX_MESSAGES) throw new ApiError("invalid_request", `at most ${MAX_MESSAGES} messages`);
   if (b.n !== undefined && b.n !== 1) throw param("only n = 1 is supported");
+  refuseUnsupported(b);
   const imageUris: string[] = [];
   const messages: ChatMessage[] = b.messages.map((m: unknown, i: number) => {
     const msg = (m ?? {}) as Record<string, unknown>;
