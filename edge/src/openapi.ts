@@ -36,6 +36,7 @@ export const OPENAPI = {
               schema: {
                 type: "object",
                 required: ["image", "question", "options"],
+                additionalProperties: false,
                 properties: {
                   image: { type: "string", format: "binary", description: "PNG, JPEG or WebP; 10 MB max by default." },
                   ...vqaFields,
@@ -47,6 +48,7 @@ export const OPENAPI = {
               schema: {
                 type: "object",
                 required: ["image", "question", "options"],
+                additionalProperties: false,
                 properties: { image: { type: "string", description: "Base64 or a data:image/…;base64 URI." }, ...vqaFields },
               },
             },
@@ -65,7 +67,7 @@ export const OPENAPI = {
           "403": errorResponse("Token lacks the required scope"),
           "413": errorResponse("Upload too large"),
           "415": errorResponse("Not a PNG, JPEG or WebP image, or the declared type disagrees with the bytes"),
-          "422": errorResponse("Invalid image, question, options or parameters"),
+          "422": errorResponse("Invalid image, question, options or parameters, or an unknown field"),
           "429": errorResponse("Rate limited (see Retry-After and RateLimit-* headers)"),
           "502": errorResponse("Backend failure"),
           "503": errorResponse("Backend overloaded or unavailable, or the token issuer's keys unavailable (auth_unavailable); see Retry-After"),

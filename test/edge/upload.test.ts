@@ -291,6 +291,15 @@ describe("parseVqaRequest: multipart/form-data", () => {
     expect((await withField("stream", "0")).stream).toBe(false);
   });
 
+  it("an unknown field is refused, not ignored (a misspelt parameter would silently take its default)", async () => {
+    const withField = (k: string) => parseVqaRequest(multipart(baseMultipart({ [k]: "64" })), LIMITS);
+    await rejects(withField("max_tokens"), "invalid_parameter", 422, /unknown field 'max_tokens'.*max_new_tokens/);
+    await rejects(withField("options[]"), "invalid_parameter", 422, /unknown field 'options\[\]'/);
+    // A name that is not a name (free text) is not quoted back.
+    const e = await rejects(withField("patient Jane Doe, 1970"), "invalid_parameter", 422, /unknown field; /);
+    expect(e.message).not.toContain("Jane");
+  });
+
   it("missing image, two images, image as text, malformed multipart", async () => {
     const { image: _i, ...noImage } = baseMultipart();
     await rejects(parseVqaRequest(multipart(noImage), LIMITS), "invalid_request", 400, /'image'.*required/);
@@ -371,6 +380,10 @@ describe("parseVqaRequest: application/json", () => {
     await rejects(parseVqaRequest(json(baseJson({ image: 42 })), LIMITS), "invalid_request", 400, /'image'/);
     await rejects(parseVqaRequest(json(baseJson({ image: "not base64!" })), LIMITS), "invalid_image", 422, /'image'.*base64/);
     await rejects(parseVqaRequest(json(baseJson({ image: toB64(BRAIN.slice(0, 30)) })), LIMITS), "invalid_image", 422, /'image'/);
+  });
+
+  it("an unknown field is refused", async () => {
+    await rejects(parseVqaRequest(json(baseJson({ temperature: 0.7 })), LIMITS), "invalid_parameter", 422, /unknown field 'temperature'/);
   });
 
   it("field type errors name the field", async () => {

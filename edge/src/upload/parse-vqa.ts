@@ -99,6 +99,7 @@ async function parseMultipart(body: Uint8Array, contentType: string, limits: Vqa
     throw new ApiError("invalid_request", "body is not valid multipart/form-data (check the boundary)");
   }
 
+  refuseUnknownFields(form.keys());
   const images = entries(form, "image");
   if (images.length === 0) throw new ApiError("invalid_request", "field 'image' is required (one image file)");
   if (images.length > 1) throw new ApiError("invalid_request", `field 'image' must hold exactly one image, got ${images.length}`);
@@ -183,6 +184,7 @@ async function parseJson(body: Uint8Array, limits: VqaLimits): Promise<VqaInput>
     throw new ApiError("invalid_request", "body must be a JSON object");
   }
   const req = o as Record<string, unknown>;
+  refuseUnknownFields(Object.keys(req));
 
   const img = req.image;
   if (img === undefined || img === null || img === "") {
@@ -217,6 +219,21 @@ async function parseJson(body: Uint8Array, limits: VqaLimits): Promise<VqaInput>
 const present = (v: unknown) => v !== undefined && v !== null;
 
 // ------------------------------------------------------------------------------------------- fields
+
+/** The fields `/v1/vqa` reads. */
+export const VQA_FIELDS: readonly string[] = ["image", "question", "options", "max_new_tokens", "min_pixels", "max_pixels", "stream"];
+
+/**
+ * Any other field is refused (422), so that a misspelt parameter (`max_tokens`, `options[]`) is not silently
+ * ignored. The field's name is quoted only when it looks like a name (never free text a client put there).
+ */
+function refuseUnknownFields(names: Iterable<string>): void {
+  for (const name of names) {
+    if (VQA_FIELDS.includes(name)) continue;
+    const shown = /^[A-Za-z0-9_.[\]-]{1,40}$/.test(name) ? ` '${name}'` : "";
+    throw new ApiError("invalid_parameter", `unknown field${shown}; /v1/vqa accepts ${VQA_FIELDS.join(", ")}`);
+  }
+}
 
 function checkQuestion(v: unknown, limits: VqaLimits): string {
   if (v === undefined || v === null) throw new ApiError("invalid_question", "field 'question' is required");
