@@ -120,9 +120,9 @@ export class Generation {
   /**
    * A draft of up to `maxTokens` tokens (fewer after rejected drafts, see {@link draftSize}) to follow
    * {@link lastId}, for {@link advance}: a forced continuation's next tokens (unless `forcedDrafts` is "lookup"),
-   * else a prompt lookup over the prompt and the tokens so far. Empty when `maxTokens` is 0, the decoder cannot check drafts, or nothing
-   * matches; never longer than the tokens the request may still generate or the context still holds, less the
-   * one the pass yields anyway.
+   * else a prompt lookup over the prompt and the tokens so far. Empty when `maxTokens` is 0, the decoder cannot
+   * check drafts, or nothing matches; never longer than the tokens the request may still generate or the context
+   * still holds, less the one the pass yields anyway.
    */
   draft(maxTokens: number): number[] {
     if (!(maxTokens > 0) || !this.seq.canVerify) return [];
