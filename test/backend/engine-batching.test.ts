@@ -165,6 +165,22 @@ describe("BatchingEngine", () => {
       }
     }
 
+    it("alone, a prompt longer than prefillRunMax goes in the fewest equal runs of at most that size, one per turn, and gives the golden ids", async () => {
+      const engine = new BatchingEngine(tiny.model, { maxBatch: 2, prefillRunMax: 64 });
+      const { result: events, lengths } = await promptRuns(() => collect(engine, requestFor(arrival, "long")));
+      const n = Math.ceil(arrival.seq_len / 64);
+      expect(n).toBeGreaterThan(1);
+      expect(lengths).toEqual(Array.from({ length: n }, (_, i) => Math.floor((arrival.seq_len + i) / n)).reverse());
+      expect(tokenIds(events)).toEqual(arrival.generated_ids);
+      await engine.close();
+      // At the default maximum the same prompt is one run.
+      const whole = new BatchingEngine(tiny.model, { maxBatch: 2 });
+      const r = await promptRuns(() => collect(whole, requestFor(arrival, "whole")));
+      expect(r.lengths).toEqual([arrival.seq_len]);
+      expect(tokenIds(r.result)).toEqual(arrival.generated_ids);
+      await whole.close();
+    });
+
     it("chunk sizes: the fewest chunks of at most the maximum, equal to within one token", () => {
       expect([264, 176, 88].map((r) => nextPrefillChunk(r, 128))).toEqual([88, 88, 88]);
       for (let n = 1; n <= 300; n++) {

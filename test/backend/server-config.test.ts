@@ -43,6 +43,7 @@ describe("loadBackendConfig", () => {
       maxImageTokens: CONFIG_DEFAULTS.maxImageTokens,
       maxBodyBytes: CONFIG_DEFAULTS.maxBodyBytes,
       shutdownGraceMs: CONFIG_DEFAULTS.shutdownGraceMs,
+      engineStallMs: 120_000,
     });
   });
 
@@ -70,6 +71,7 @@ describe("loadBackendConfig", () => {
       MAX_IMAGE_TOKENS: "4096",
       MAX_BODY_BYTES: "1048576",
       SHUTDOWN_GRACE_MS: "5000",
+      ENGINE_STALL_S: "0",
     });
     expect(c).toMatchObject({
       port: 9000,
@@ -86,14 +88,16 @@ describe("loadBackendConfig", () => {
       maxImageTokens: 4096,
       maxBodyBytes: 1048576,
       shutdownGraceMs: 5000,
+      engineStallMs: 0,
     });
     // structured-cloneable: it is handed to the engine's worker
     expect(structuredClone(c)).toEqual(c);
   });
 
   it("lists every problem at once, naming each variable", () => {
-    const p = problems({ BACKEND_HMAC_SECRET: "short", EXECUTION_PROVIDER: "tpu", QUEUE_SIZE: "-1", MAX_BATCH: "eight", BACKEND_PORT: "70000", PREFILL_CHUNK: "-5", DRAFT_TOKENS: "65", VISION_THREAD: "yes" });
-    expect(p).toHaveLength(9);
+    const p = problems({ BACKEND_HMAC_SECRET: "short", EXECUTION_PROVIDER: "tpu", QUEUE_SIZE: "-1", MAX_BATCH: "eight", BACKEND_PORT: "70000", PREFILL_CHUNK: "-5", DRAFT_TOKENS: "65", VISION_THREAD: "yes", ENGINE_STALL_S: "1.5" });
+    expect(p).toHaveLength(10);
+    expect(p.join("\n")).toMatch(/ENGINE_STALL_S must be an integer in \[0, 86400\]/);
     expect(p.join("\n")).toMatch(/MODEL_DIR is required/);
     expect(p.join("\n")).toMatch(/BACKEND_HMAC_SECRET must be at least 16 characters/);
     expect(p.join("\n")).toMatch(/EXECUTION_PROVIDER must be "cpu" or "cuda"/);

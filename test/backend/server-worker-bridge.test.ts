@@ -188,6 +188,48 @@ describe("worker bridge", () => {
     }
   });
 
+  it("a worker silent for longer than stallMs is stalled: not ready, /healthz and /readyz 503, requests refused; it recovers when it answers", async () => {
+    const engine = createWorkerEngine({ module: FAKE, options: { meta: META }, statsIntervalMs: 20, stallMs: 500 });
+    started.push(engine);
+    await engine.loaded;
+    const srv = await startServer(engine);
+    try {
+      await new Promise((r) => setTimeout(r, 700)); // longer than stallMs, but the idle worker keeps reporting
+      expect(engine.stats()).toMatchObject({ ready: true });
+      expect(engine.stats().stalled).toBeUndefined();
+      const blocked = run(engine, request("block-2500-a"), 8000);
+      await waitFor(() => engine.stats().stalled === true, 5000);
+      expect(engine.stats().ready).toBe(false);
+      const health = await fetch(`${srv.base}/healthz`);
+      expect(health.status).toBe(503);
+      expect(await health.json()).toEqual({ status: "stalled" });
+      const ready = await fetch(`${srv.base}/readyz`);
+      expect(ready.status).toBe(503);
+      expect(await ready.json()).toMatchObject({ status: "stalled" });
+      const refused = await postWire(srv.base, wireRequest());
+      expect(refused.status).toBe(503);
+      expect(refused.headers.get("retry-after")).toBeTruthy();
+      expect(((await refused.json()) as { error: { code: string } }).error.code).toBe("backend_unavailable");
+      // The run ends, the worker answers again: the request finishes and the engine is ready.
+      expect((await blocked).at(-1)).toMatchObject({ type: "done" });
+      await waitFor(() => engine.stats().ready, 5000);
+      expect(engine.stats().stalled).toBeUndefined();
+      expect((await fetch(`${srv.base}/healthz`)).status).toBe(200);
+    } finally {
+      await srv.close();
+    }
+  });
+
+  it("without stallMs, a long silence is not a stall", async () => {
+    const engine = start({ meta: META });
+    await engine.loaded;
+    const blocked = run(engine, request("block-400-b"));
+    await new Promise((r) => setTimeout(r, 300));
+    expect(engine.stats().ready).toBe(true);
+    expect(engine.stats().stalled).toBeUndefined();
+    expect((await blocked).at(-1)).toMatchObject({ type: "done" });
+  });
+
   it("close() closes the engine in the worker and stops it", async () => {
     const engine = start();
     await engine.loaded;

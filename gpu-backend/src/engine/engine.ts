@@ -1,7 +1,8 @@
 /**
  * The serving engine: continuous batching in the thread that owns the ONNX Runtime sessions. Each loop
  * turn advances the one request being admitted (image preprocessing and grid check when it starts; then its
- * prefill: whole when nothing else is decoding, else one unit of at most `prefillChunk` prompt tokens, the
+ * prefill: whole when nothing else is decoding (up to `prefillRunMax` tokens a turn), else one unit of at most
+ * `prefillChunk` prompt tokens, the
  * vision encoder being a unit of its own; the first token when the prompt is in), then runs ONE decode step
  * for every active sequence together (`decodeBatch`; a sequence alone may check a speculative draft in that
  * pass, {@link BatchingEngineOptions.draftTokens}); finished sequences leave and admitted ones join between
@@ -32,6 +33,13 @@ export interface BatchingEngineOptions {
    */
   prefillChunk?: number;
   /**
+   * When nothing else decodes, the prompt goes in one run, up to this many tokens (default
+   * {@link DEFAULT_PREFILL_RUN_MAX}); a longer one in the fewest equal chunks of at most this size, one per turn. No
+   * single run then holds the thread for long, so the server's stall watchdog (ENGINE_STALL_S) can tell a long
+   * prompt from a stuck runtime. Typical prompts (a few hundred tokens) are one run.
+   */
+  prefillRunMax?: number;
+  /**
    * Speculative decoding while one sequence decodes alone: up to this many tokens drafted by prompt lookup
    * (draft.ts) and checked in the same decoder pass ({@link Generation.advance}; the tokens are those of plain
    * decoding, int4's near-ties aside). A pass over 1 + k tokens costs more than a step, so it pays where the
@@ -52,6 +60,9 @@ interface Live {
   /** Its vision encoder running in the model's vision thread while the others decode (see {@link BatchingEngine.prefillTurn}). */
   encoding?: { promise: Promise<void>; done: boolean; failed: boolean; error?: unknown };
 }
+
+/** {@link BatchingEngineOptions.prefillRunMax}'s default: on this CPU about 30 s of int4 or fp32 prefill, on a GPU far less. */
+export const DEFAULT_PREFILL_RUN_MAX = 2048;
 
 /** Maps any failure inside the engine to a public error code and a message without request content. */
 function toError(e: unknown): { code: ErrorCode; message: string } {
@@ -236,7 +247,9 @@ export class BatchingEngine implements Engine {
     if (this.byId.get(live.req.id) !== live) return;
     const chunk = this.opts.prefillChunk ?? 0;
     let logits: Float32Array | null = null;
-    if (chunk <= 0 || this.active.length === 0) logits = await seq.prefillNext();
+    if (chunk <= 0 || this.active.length === 0) {
+      logits = await seq.prefillNext(nextPrefillChunk(seq.prefillRemaining, this.opts.prefillRunMax ?? DEFAULT_PREFILL_RUN_MAX));
+    }
     else if (!seq.prepared) await seq.prepare();
     else logits = await seq.prefillNext(nextPrefillChunk(seq.prefillRemaining, chunk));
     if (!logits || this.byId.get(live.req.id) !== live) return;

@@ -183,13 +183,18 @@ export function createBackendApp(deps: BackendAppDeps): BackendApp {
   app.notFound((c) => errorResponse(c, new ApiError("not_found", "no such route")));
 
   // Liveness: fails only when the engine cannot recover by itself, so that the orchestrator restarts the process.
-  app.get("/healthz", (c) => (engine.stats().failed ? c.json({ status: "failed" }, 503) : c.json({ status: "ok" })));
+  // Liveness: a part of the engine failed for good, or its thread is stuck in a run; a restart is what helps.
+  app.get("/healthz", (c) => {
+    const s = engine.stats();
+    return s.failed ? c.json({ status: "failed" }, 503) : s.stalled ? c.json({ status: "stalled" }, 503) : c.json({ status: "ok" });
+  });
 
   app.get("/readyz", (c) => {
     const s = engine.stats();
     const ready = s.ready && !draining;
     if (!ready) c.header("Retry-After", String(UNAVAILABLE_RETRY_AFTER_S));
-    return c.json({ status: ready ? "ready" : draining ? "draining" : "starting", fingerprint: meta.fingerprint }, ready ? 200 : 503);
+    const status = ready ? "ready" : draining ? "draining" : s.stalled ? "stalled" : "starting";
+    return c.json({ status, fingerprint: meta.fingerprint }, ready ? 200 : 503);
   });
 
   app.get("/metrics", (c) => {
@@ -221,6 +226,10 @@ export function createBackendApp(deps: BackendAppDeps): BackendApp {
       }
       if (wire.header.deadline_ms !== null && wire.header.deadline_ms <= now()) {
         throw new ApiError("backend_timeout", "the request's deadline has already passed");
+      }
+      if (engine.stats().stalled) {
+        // Refused at once, so that the edge tries another backend instead of waiting on a stuck one.
+        throw new ApiError("backend_unavailable", "the engine is not responding", { "Retry-After": String(UNAVAILABLE_RETRY_AFTER_S) });
       }
       if (!engine.stats().ready) {
         throw new ApiError("backend_unavailable", "the model is not loaded yet", { "Retry-After": String(UNAVAILABLE_RETRY_AFTER_S) });

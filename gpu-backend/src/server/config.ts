@@ -41,6 +41,8 @@ export interface BackendConfig {
   maxBodyBytes: number;
   /** How long in-flight requests may run after SIGTERM before they are cancelled. */
   shutdownGraceMs: number;
+  /** Silence of the engine's thread after which it counts as stalled (not ready, /healthz 503); 0 = never. */
+  engineStallMs: number;
 }
 
 /** Start-up configuration failure; `problems` lists every invalid or missing variable. */
@@ -65,6 +67,7 @@ export const CONFIG_DEFAULTS = {
   maxImageTokens: 16_384,
   maxBodyBytes: 32 * 1024 * 1024,
   shutdownGraceMs: 30_000,
+  engineStallS: 120,
 } as const;
 
 /**
@@ -131,6 +134,7 @@ export function loadBackendConfig(env: Env): BackendConfig {
     maxImageTokens: int("MAX_IMAGE_TOKENS", CONFIG_DEFAULTS.maxImageTokens, 1, 10_000_000)!,
     maxBodyBytes: int("MAX_BODY_BYTES", CONFIG_DEFAULTS.maxBodyBytes, 1024, 2 ** 31 - 1)!,
     shutdownGraceMs: int("SHUTDOWN_GRACE_MS", CONFIG_DEFAULTS.shutdownGraceMs, 0, 3_600_000)!,
+    engineStallMs: int("ENGINE_STALL_S", CONFIG_DEFAULTS.engineStallS, 0, 86_400)! * 1000,
   };
   if (problems.length > 0) throw new BackendConfigError(problems);
   return config;

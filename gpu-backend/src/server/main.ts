@@ -109,6 +109,7 @@ export async function main(env: Env = process.env, overrides: { engineModule?: U
   const engine = createWorkerEngine({
     module: moduleUrl,
     options: config,
+    stallMs: config.engineStallMs,
     onExit: ({ code, error }) => {
       logger.log("error", "engine worker stopped unexpectedly", { code: code ?? -1, error: error?.name ?? "exit" });
       // Every live request has its final error queued by now: let the responses go out, then exit.
@@ -133,6 +134,18 @@ export async function main(env: Env = process.env, overrides: { engineModule?: U
     },
     (e: Error) => fatal(`engine failed to start: ${e.message}`),
   );
+
+  // A stall (the engine's thread silent for ENGINE_STALL_S: /healthz turns 503) and its end, logged once each.
+  if (config.engineStallMs > 0) {
+    let stalled = false;
+    setInterval(() => {
+      const now = engine.stats().stalled === true;
+      if (now !== stalled) {
+        logger.log(now ? "error" : "info", now ? "engine stalled" : "engine answering again", { stall_limit_s: config.engineStallMs / 1000, in_flight: app.lifecycle.inFlight() });
+      }
+      stalled = now;
+    }, 1000).unref();
+  }
 
   let stopping = false;
   const onSignal = (signal: NodeJS.Signals) => {

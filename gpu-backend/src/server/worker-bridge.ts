@@ -6,7 +6,8 @@
  * Guarantees on top of the worker's: `stats()` is synchronous (the worker's last snapshot, plus submits it
  * has not acknowledged yet, so admission control never over-admits in a burst); after `cancel(id)` no event
  * for `id` reaches the sink, even one already in flight; if the worker dies, every live request gets a final
- * `internal_error` event and `stats().ready` turns false.
+ * `internal_error` event and `stats().ready` turns false; if it stops answering (no message, not even its periodic
+ * stats, for `stallMs`), `stats()` says `stalled` and not ready until it answers again.
  */
 import { Worker } from "node:worker_threads";
 import type { ModelMeta } from "../../../shared/src/model-meta.ts";
@@ -26,6 +27,11 @@ export interface WorkerEngineOptions {
   options?: unknown;
   /** How often the worker reports stats when idle; default 250 ms. */
   statsIntervalMs?: number;
+  /**
+   * Silence after which the worker counts as stalled (its thread held by one run, or hung); 0 or absent: never. The
+   * worker reports between the engine's turns, so this must exceed the longest single run the engine makes.
+   */
+  stallMs?: number;
   /** Called once if the worker stops unexpectedly (after live requests got their final error). */
   onExit?: (info: { code: number | null; error: Error | null }) => void;
   /** `execArgv` of the worker; default: the process's. */
@@ -58,6 +64,8 @@ export class WorkerEngine implements Engine {
   private readonly sinks = new Map<string, (ev: EngineEvent) => void>();
   private last: EngineStats = { active: 0, queued: 0, capacity: 0, ready: false };
   private unacked = 0;
+  /** When the worker last sent anything (its stats come every `statsIntervalMs` while its thread is free). */
+  private lastHeard = Date.now();
   private alive = true;
   private closing: Promise<void> | null = null;
   private resolveClosed: (() => void) | null = null;
@@ -94,6 +102,7 @@ export class WorkerEngine implements Engine {
   }
 
   private onMessage(m: FromWorker, settle: { resolve: () => void; reject: (e: Error) => void }): void {
+    this.lastHeard = Date.now();
     switch (m.t) {
       case "loaded":
         this.last = m.stats;
@@ -163,7 +172,14 @@ export class WorkerEngine implements Engine {
   }
 
   stats(): EngineStats {
-    return { ...this.last, queued: this.last.queued + this.unacked, ready: this.alive && !this.closing && this.last.ready };
+    const stallMs = this.opts.stallMs ?? 0;
+    const stalled = stallMs > 0 && this.alive && !this.closing && this.last.ready && Date.now() - this.lastHeard > stallMs;
+    return {
+      ...this.last,
+      queued: this.last.queued + this.unacked,
+      ready: this.alive && !this.closing && this.last.ready && !stalled,
+      ...(stalled ? { stalled } : {}),
+    };
   }
 
   /** Asks the worker to close the engine (bounded by `timeoutMs`), then stops the worker. */
