@@ -209,7 +209,7 @@ describe("worker bridge", () => {
       const refused = await postWire(srv.base, wireRequest());
       expect(refused.status).toBe(503);
       expect(refused.headers.get("retry-after")).toBeTruthy();
-      expect(((await refused.json()) as { error: { code: string } }).error.code).toBe("backend_unavailable");
+      expect(((await refused.json()) as { error: { code: string; message: string } }).error).toMatchObject({ code: "backend_unavailable", message: "the engine is not responding" });
       // The run ends, the worker answers again: the request finishes and the engine is ready.
       expect((await blocked).at(-1)).toMatchObject({ type: "done" });
       await waitFor(() => engine.stats().ready, 5000);

@@ -253,6 +253,7 @@ describe("POST /v1/chat/completions", () => {
       { logprobs: true },
       { top_logprobs: 3 },
       { tools: [{ type: "function", function: { name: "f" } }] },
+      { response_format: "json" },
       { tool_choice: "auto" },
       { functions: [{ name: "f" }] },
       { response_format: { type: "json_object" } },
@@ -268,10 +269,15 @@ describe("POST /v1/chat/completions", () => {
       expect(body.error.message).toMatch(/not supported|only/);
     }
     expect(backend.requests).toHaveLength(0);
-    const neutral = { logprobs: false, tools: [], tool_choice: "none", response_format: { type: "text" }, frequency_penalty: 0, presence_penalty: 0, logit_bias: {} };
-    const res = await chat(neutral);
-    expect(res.status).toBe(200);
-    expect(backend.requests).toHaveLength(1);
+    const neutrals = [
+      { logprobs: false, top_logprobs: 0, tools: [], functions: [], tool_choice: "none", response_format: { type: "text" }, frequency_penalty: 0, presence_penalty: 0, logit_bias: {} },
+      { response_format: {}, logprobs: null, tools: null },
+    ];
+    for (const neutral of neutrals) {
+      const res = await chat(neutral);
+      expect(res.status, JSON.stringify(neutral)).toBe(200);
+    }
+    expect(backend.requests).toHaveLength(neutrals.length);
   });
 });
 
@@ -343,6 +349,24 @@ describe("backend failures", () => {
     expect(res.headers.get("retry-after")).toBe("3");
     expect(((await res.json()) as { error: { code: string } }).error.code).toBe("backend_overloaded");
     expect(backend.requests).toHaveLength(2);
+  });
+
+  it("a backend that is not available (starting, draining, stalled: 503 backend_unavailable) is skipped for a while, the next one answers", async () => {
+    backend
+      .script("https://b1.test", { kind: "status", status: 503, body: { error: { code: "backend_unavailable", message: "the engine is not responding" } }, headers: { "retry-after": "5" } })
+      .script("https://b2.test", { kind: "events", events: tokensDone(["<answer>C</answer>"]) });
+    for (let i = 0; i < 2; i++) {
+      const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), two);
+      expect(res.status).toBe(200);
+    }
+    // b1 first (configured order, no load known), then marked down: the second request goes to b2 only.
+    expect(backend.requests.map((r) => r.url)).toEqual(["https://b1.test", "https://b2.test", "https://b2.test"]);
+    resetBackendState();
+    backend.script("https://b2.test", { kind: "status", status: 503, body: { error: { code: "backend_unavailable", message: "starting" } }, headers: { "retry-after": "5" } });
+    const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), two);
+    expect(res.status).toBe(503);
+    expect(res.headers.get("retry-after")).toBe("5");
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe("backend_unavailable");
   });
 
   it("all backends unreachable → 503 backend_unavailable", async () => {

@@ -109,6 +109,8 @@ async function errorFromResponse(res: Response): Promise<ApiError> {
   if (res.status === 422 && code && REQUEST_VERDICTS.has(code)) return clientErrorOf(code, message);
   if (res.status === 503) {
     const retryAfter = res.headers.get("retry-after") ?? "1";
+    // Starting, draining or stalled: not a full queue, so the backend is skipped for a while (below), not ranked by load.
+    if (code === "backend_unavailable") return new ApiError("backend_unavailable", "the model is not available; retry later", { "Retry-After": retryAfter });
     return new ApiError("backend_overloaded", "the model is busy; retry later", { "Retry-After": retryAfter });
   }
   if (res.status === 504) return new ApiError("backend_timeout", "the model did not answer in time");

@@ -38,10 +38,14 @@ function optionalNumber(body: Record<string, unknown>, key: string, min: number,
  */
 function refuseUnsupported(b: Record<string, unknown>): void {
   const set = (k: string) => b[k] !== undefined && b[k] !== null;
-  if ((set("logprobs") && b.logprobs !== false) || set("top_logprobs")) throw param("logprobs are not supported");
-  if ((set("tools") && !(Array.isArray(b.tools) && b.tools.length === 0)) || set("functions")) throw param("tools are not supported");
+  const emptyList = (k: string) => Array.isArray(b[k]) && (b[k] as unknown[]).length === 0;
+  if ((set("logprobs") && b.logprobs !== false) || (set("top_logprobs") && b.top_logprobs !== 0)) throw param("logprobs are not supported");
+  if ((set("tools") && !emptyList("tools")) || (set("functions") && !emptyList("functions"))) throw param("tools are not supported");
   if (set("tool_choice") && b.tool_choice !== "none") throw param("tools are not supported");
-  if (set("response_format") && (b.response_format as { type?: unknown }).type !== "text") throw param("only response_format {type: \"text\"} is supported");
+  const format = b.response_format as { type?: unknown } | undefined | null;
+  if (set("response_format") && (typeof format !== "object" || (format!.type !== undefined && format!.type !== "text"))) {
+    throw param("only response_format {type: \"text\"} is supported");
+  }
   for (const k of ["frequency_penalty", "presence_penalty"]) if (set(k) && b[k] !== 0) throw param(`${k} is not supported (only 0)`);
   if (set("logit_bias") && !(typeof b.logit_bias === "object" && Object.keys(b.logit_bias as object).length === 0)) throw param("logit_bias is not supported");
 }

@@ -1,8 +1,8 @@
 /**
  * The serving engine: continuous batching in the thread that owns the ONNX Runtime sessions. Each loop
  * turn advances the one request being admitted (image preprocessing and grid check when it starts; then its
- * prefill: whole when nothing else is decoding (up to `prefillRunMax` tokens a turn), else one unit of at most
- * `prefillChunk` prompt tokens, the
+ * prefill: whole when nothing else is decoding (in runs of at most `prefillRunMax` tokens, one a turn), else one
+ * unit of at most `prefillChunk` prompt tokens, the
  * vision encoder being a unit of its own; the first token when the prompt is in), then runs ONE decode step
  * for every active sequence together (`decodeBatch`; a sequence alone may check a speculative draft in that
  * pass, {@link BatchingEngineOptions.draftTokens}); finished sequences leave and admitted ones join between
@@ -29,11 +29,11 @@ export interface BatchingEngineOptions {
    * (the fewest such chunks, of equal sizes: {@link nextPrefillChunk}), one chunk (or its vision encoder) per
    * decode step of the others, so an arrival stalls their streams for
    * one chunk instead of its whole prefill, at the cost of its own time to first token. 0 (default): the
-   * whole prefill in one turn.
+   * whole prompt as when nothing else decodes (runs of at most {@link prefillRunMax} tokens).
    */
   prefillChunk?: number;
   /**
-   * When nothing else decodes, the prompt goes in one run, up to this many tokens (default
+   * A prompt fed whole (nothing else decodes, or `prefillChunk` 0) goes in one run up to this many tokens (default
    * {@link DEFAULT_PREFILL_RUN_MAX}); a longer one in the fewest equal chunks of at most this size, one per turn. No
    * single run then holds the thread for long, so the server's stall watchdog (ENGINE_STALL_S) can tell a long
    * prompt from a stuck runtime. Typical prompts (a few hundred tokens) are one run.
@@ -61,8 +61,12 @@ interface Live {
   encoding?: { promise: Promise<void>; done: boolean; failed: boolean; error?: unknown };
 }
 
-/** {@link BatchingEngineOptions.prefillRunMax}'s default: on this CPU about 30 s of int4 or fp32 prefill, on a GPU far less. */
-export const DEFAULT_PREFILL_RUN_MAX = 2048;
+/**
+ * {@link BatchingEngineOptions.prefillRunMax}'s default. On the 2-core dev CPU a run of 1024 tokens is ~15 s of int4 or
+ * fp32 weights plus its attention to what is already cached (~3 TFLOP, about 12 s more, at 16k tokens of context); on
+ * a GPU far less. Both stay well under the 120 s stall limit.
+ */
+export const DEFAULT_PREFILL_RUN_MAX = 1024;
 
 /** Maps any failure inside the engine to a public error code and a message without request content. */
 function toError(e: unknown): { code: ErrorCode; message: string } {

@@ -65,7 +65,7 @@ export class WorkerEngine implements Engine {
   private last: EngineStats = { active: 0, queued: 0, capacity: 0, ready: false };
   private unacked = 0;
   /** When the worker last sent anything (its stats come every `statsIntervalMs` while its thread is free). */
-  private lastHeard = Date.now();
+  private lastHeard = performance.now();
   private alive = true;
   private closing: Promise<void> | null = null;
   private resolveClosed: (() => void) | null = null;
@@ -102,7 +102,7 @@ export class WorkerEngine implements Engine {
   }
 
   private onMessage(m: FromWorker, settle: { resolve: () => void; reject: (e: Error) => void }): void {
-    this.lastHeard = Date.now();
+    this.lastHeard = performance.now();
     switch (m.t) {
       case "loaded":
         this.last = m.stats;
@@ -173,7 +173,7 @@ export class WorkerEngine implements Engine {
 
   stats(): EngineStats {
     const stallMs = this.opts.stallMs ?? 0;
-    const stalled = stallMs > 0 && this.alive && !this.closing && this.last.ready && Date.now() - this.lastHeard > stallMs;
+    const stalled = stallMs > 0 && this.alive && !this.closing && this.last.ready && performance.now() - this.lastHeard > stallMs;
     return {
       ...this.last,
       queued: this.last.queued + this.unacked,
