@@ -149,7 +149,7 @@ export class BackendMetrics {
     r.register(new Gauge("medvlm_backend_queue_depth", "Requests waiting for a batch slot.", () => stats().queued));
     r.register(new Gauge("medvlm_backend_active_sequences", "Sequences being generated.", () => stats().active));
     r.register(new Gauge("medvlm_backend_capacity", "Sequences generated at once (batch size).", () => stats().capacity));
-    r.register(new Gauge("medvlm_backend_ready", "1 when the model is loaded and warmed up.", () => (stats().ready ? 1 : 0)));
+    r.register(new Gauge("medvlm_backend_ready", "1 when the model is loaded and warmed up and its engine thread answers (0 while stalled).", () => (stats().ready ? 1 : 0)));
     this.requests = r.register(new Counter("medvlm_backend_requests_total", "Generate requests by final outcome (ok or error code)."));
     this.errors = r.register(new Counter("medvlm_backend_errors_total", "Generate requests that ended in an error, by code."));
     this.cancellations = r.register(new Counter("medvlm_backend_cancellations_total", "Requests cancelled by the server, by reason."));
