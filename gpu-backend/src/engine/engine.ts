@@ -62,9 +62,9 @@ interface Live {
 }
 
 /**
- * {@link BatchingEngineOptions.prefillRunMax}'s default. On the 2-core dev CPU a run of 1024 tokens is ~15 s of int4 or
- * fp32 weights plus its attention to what is already cached (~3 TFLOP, about 12 s more, at 16k tokens of context); on
- * a GPU far less. Both stay well under the 120 s stall limit.
+ * {@link BatchingEngineOptions.prefillRunMax}'s default. On the 2-core dev CPU a run of 1024 tokens is ~15–20 s of int4
+ * or fp32 weights plus its attention to what is already cached (~3 TFLOP, about 12 s more, at 16k tokens of context);
+ * on a GPU far less. Both stay well under the 120 s stall limit. Splitting costs nothing measurable (bench/PERF.md 17).
  */
 export const DEFAULT_PREFILL_RUN_MAX = 1024;
 
