@@ -25,7 +25,7 @@
  *          --results-dir bench/results  --levels 1,2,4,8  --max-batch 8  --rounds 1  --requests 300  --clients 8
  *          --bandwidth-mib 1024  --contexts 300,1024,2048  --kv-rows 1,8  --prefill-chunks 0,128  --draft-tokens 1,2,4,8  --vision-patches 256,1024,4096  --arrivals 16  --load 1  --seed 1  --no-tjs  --child-timeout 900  --drop-checkpoint
  *          --probe-image <file> --probe-max-pixels N (concurrency: the arriving probe asks about this image, e.g. a large one)
- *          --vision-thread 0,1 (concurrency: the vision encoder in the engine's thread and/or a thread of its own)
+ *          --vision-process 0,1 (concurrency: the vision encoder in the engine's thread and/or a process of its own)
  * Each suite prints a table and writes bench/results/<suite>-<timestamp>.json (with machine info).
  */
 import { join } from "node:path";
@@ -39,7 +39,7 @@ export type Suite = (typeof SUITES)[number];
 const USAGE =
   "usage: npm run bench -- <models|single|bandwidth|concurrency|arrivals|kv|draft|vision|edge|all> [--dtypes fp32,int8,int4,int8-w8a8] [--runs N] [--tokens N] [--threads N]\n" +
   "       [--quick] [--cache DIR] [--results-dir DIR] [--levels 1,2,4,8] [--max-batch N] [--rounds N] [--requests N] [--clients N]\n" +
-  "       [--bandwidth-mib N] [--contexts 300,1024,2048] [--kv-rows 1,8] [--prefill-chunks 0,128] [--vision-thread 0,1] [--draft-tokens 1,2,4,8] [--vision-patches 256,1024,4096] [--probe-image FILE] [--probe-max-pixels N]\n" +
+  "       [--bandwidth-mib N] [--contexts 300,1024,2048] [--kv-rows 1,8] [--prefill-chunks 0,128] [--vision-process 0,1] [--draft-tokens 1,2,4,8] [--vision-patches 256,1024,4096] [--probe-image FILE] [--probe-max-pixels N]\n" +
   "       [--arrivals N] [--load X] [--seed N] [--no-tjs] [--child-timeout S] [--drop-checkpoint]";
 
 export class UsageError extends Error {}
@@ -67,7 +67,7 @@ export function parseBenchArgs(argv: string[]): { suites: Suite[]; opts: BenchOp
         contexts: { type: "string" },
         "kv-rows": { type: "string" },
         "prefill-chunks": { type: "string" },
-        "vision-thread": { type: "string" },
+        "vision-process": { type: "string" },
         "draft-tokens": { type: "string" },
         "vision-patches": { type: "string" },
         "probe-image": { type: "string" },
@@ -128,9 +128,9 @@ export function parseBenchArgs(argv: string[]): { suites: Suite[]; opts: BenchOp
     kvRows: (v["kv-rows"] ?? (quick ? "1,2" : "1,8")).split(",").map((s) => int("kv-rows", s, 1)),
     // The serving default against whole-prompt admission (0) as its peer; the tiny model's prompts are short.
     prefillChunks: (v["prefill-chunks"] ?? (quick ? "0,32" : `0,${CONFIG_DEFAULTS.prefillChunk}`)).split(",").map((s) => int("prefill-chunks", s, 0, 0)),
-    // The vision encoder in the engine's thread (0) and/or a thread of its own (1); `0,1` compares them.
-    visionThreads: (v["vision-thread"] ?? "0").split(",").map((s) => {
-      if (s !== "0" && s !== "1") throw new UsageError(`--vision-thread must list 0 and/or 1, got ${s}`);
+    // The vision encoder in the engine's thread (0) and/or a process of its own (1); `0,1` compares them.
+    visionProcesses: (v["vision-process"] ?? "0").split(",").map((s) => {
+      if (s !== "0" && s !== "1") throw new UsageError(`--vision-process must list 0 and/or 1, got ${s}`);
       return s === "1";
     }),
     draftTokens: (v["draft-tokens"] ?? (quick ? "1,3" : "1,2,4,8")).split(",").map((s) => int("draft-tokens", s, 1)),

@@ -12,13 +12,13 @@
  *     image (e.g. a large one, whose vision encoder is the longest part of its admission)
  *   - end-to-end tok/s: all generated tokens / (first submit → last done)
  * Each level runs once per engine `prefillChunk` setting (whole-prompt admission vs chunked) and per place of
- * the vision encoder (`visionThreads`: the engine's thread, or a thread of its own that lets the running
+ * the vision encoder (`visionProcesses`: the engine's thread, or a process of its own that lets the running
  * streams decode while the probe's image is encoded); the sweep over levels and settings is repeated `rounds` times.
  */
 import { join } from "node:path";
 import { BatchingEngine } from "../../gpu-backend/src/engine/engine.ts";
 import { type LoadedModel, releaseModel, sessionOptions } from "../../gpu-backend/src/engine/model.ts";
-import { VisionThread } from "../../gpu-backend/src/engine/vision-thread.ts";
+import { VisionProcess } from "../../gpu-backend/src/engine/vision-process.ts";
 import { childArgs, childDone, childMain, spread } from "../lib/common.ts";
 import { type Trace, evalRequest, imageGrid, loadForEngineBench, submitTraced, tokenGaps } from "../lib/traces.ts";
 
@@ -32,8 +32,8 @@ export interface ConcurrencyArgs {
   rounds: number;
   /** The engine's `prefillChunk` per run of a level (0 = the whole prompt in one turn). */
   prefillChunks: number[];
-  /** Per run of a level: the vision encoder in its own thread (true) or in the engine's (false). */
-  visionThreads: boolean[];
+  /** Per run of a level: the vision encoder in its own process (true) or in the engine's thread (false). */
+  visionProcesses: boolean[];
   /** The benchmark variant (e.g. int8-w8a8) for progress lines and the result; default the manifest dtype. */
   label?: string;
   /** The probe's image file and max_pixels, instead of the eval image. */
@@ -44,7 +44,7 @@ export interface LevelResult {
   level: number;
   round: number;
   prefill_chunk: number;
-  vision_thread: boolean;
+  vision_process: boolean;
   aggregate_decode_tok_s: number;
   window_tokens: number;
   window_ms: number;
@@ -79,13 +79,13 @@ childMain(async () => {
   const probeImage = a.probeImage ? await imageGrid(model, a.probeImage.path, a.probeImage.maxPixels) : undefined;
   if (probeImage) process.stderr.write(`  ${label}: probe image grid ${probeImage.grid.join("x")} (${(probeImage.grid[0] * probeImage.grid[1] * probeImage.grid[2]) / 4} image tokens)\n`);
 
-  // The same sessions, with the vision encoder also opened in a thread of its own for the settings that ask.
-  const thread = a.visionThreads.includes(true) ? await VisionThread.open(join(a.modelDir, "vision_encoder.onnx"), sessionOptions({ intraOpThreads: a.threads })) : null;
+  // The same sessions, with the vision encoder also opened in a process of its own for the settings that ask.
+  const apart = a.visionProcesses.includes(true) ? await VisionProcess.open(join(a.modelDir, "vision_encoder.onnx"), sessionOptions({ intraOpThreads: a.threads })) : null;
   const models = new Map<boolean, LoadedModel>([[false, model]]);
-  if (thread) models.set(true, { ...model, sessions: { ...model.sessions, vision: thread }, visionThread: true });
+  if (apart) models.set(true, { ...model, sessions: { ...model.sessions, vision: apart }, visionProcess: true });
   const levels: LevelResult[] = [];
-  for (let round = 0; round < a.rounds; round++) for (const level of a.levels) for (const chunk of a.prefillChunks) for (const visionThread of a.visionThreads) {
-    const engine = new BatchingEngine(models.get(visionThread)!, { maxBatch: a.maxBatch, prefillChunk: chunk });
+  for (let round = 0; round < a.rounds; round++) for (const level of a.levels) for (const chunk of a.prefillChunks) for (const visionProcess of a.visionProcesses) {
+    const engine = new BatchingEngine(models.get(visionProcess)!, { maxBatch: a.maxBatch, prefillChunk: chunk });
     let probe: { trace: Trace; finished: Promise<void> } | null = null;
     const runs: Array<{ trace: Trace; finished: Promise<void> }> = [];
     const start = performance.now();
@@ -121,7 +121,7 @@ childMain(async () => {
       level,
       round,
       prefill_chunk: chunk,
-      vision_thread: visionThread,
+      vision_process: visionProcess,
       aggregate_decode_tok_s: windowMs > 0 ? inWindow / (windowMs / 1000) : NaN,
       window_tokens: inWindow,
       window_ms: windowMs,
@@ -135,11 +135,11 @@ childMain(async () => {
     };
     levels.push(r);
     process.stderr.write(
-      `  ${label}: round ${round + 1}/${a.rounds}, ${level} stream(s), prefill chunk ${chunk || "whole"}${visionThread ? ", vision thread" : ""}: aggregate decode ${r.aggregate_decode_tok_s.toFixed(2)} tok/s, ` +
+      `  ${label}: round ${round + 1}/${a.rounds}, ${level} stream(s), prefill chunk ${chunk || "whole"}${visionProcess ? ", vision process" : ""}: aggregate decode ${r.aggregate_decode_tok_s.toFixed(2)} tok/s, ` +
         `TTFT max ${(Math.max(...r.ttft_ms) / 1000).toFixed(2)} s, probe TTFT ${(r.probe_ttft_ms / 1000).toFixed(2)} s, probe stall ${(stall / 1000).toFixed(2)} s\n`,
     );
   }
-  await thread?.release();
+  await apart?.release();
   await releaseModel(loaded);
   childDone({ dtype: model.dtype, variant: label, load_ms: loadMs, ...(probeImage ? { probe_grid: probeImage.grid } : {}), levels });
 });

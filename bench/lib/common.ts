@@ -55,8 +55,8 @@ export interface BenchOptions {
   rounds: number;
   /** concurrency suite: the engine's `prefillChunk` settings, each level run once per setting (0 = whole prompt) */
   prefillChunks: number[];
-  /** concurrency suite: the engine's `visionThread` settings, each level run once per setting */
-  visionThreads: boolean[];
+  /** concurrency suite: the engine's `visionProcess` settings, each level run once per setting */
+  visionProcesses: boolean[];
   /** concurrency suite: the probe's image instead of the eval image (null: the eval image), and its max_pixels */
   probeImage: string | null;
   probeMaxPixels: number;

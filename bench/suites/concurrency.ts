@@ -15,7 +15,7 @@ export async function concurrencySuite(opts: BenchOptions): Promise<{ file: stri
   let text = "";
   for (const [dtype, dir] of variants) {
     log(
-      `concurrency: ${dtype}, levels ${opts.levels.join(",")} × prefill chunks ${opts.prefillChunks.join(",")} × vision thread ${opts.visionThreads.map(Number).join(",")} × ${opts.rounds} round(s), ` +
+      `concurrency: ${dtype}, levels ${opts.levels.join(",")} × prefill chunks ${opts.prefillChunks.join(",")} × vision process ${opts.visionProcesses.map(Number).join(",")} × ${opts.rounds} round(s), ` +
         `maxBatch ${opts.maxBatch}, ${opts.tokens}+L tokens each`,
     );
     const args: ConcurrencyArgs = {
@@ -26,7 +26,7 @@ export async function concurrencySuite(opts: BenchOptions): Promise<{ file: stri
       tokens: opts.tokens,
       rounds: opts.rounds,
       prefillChunks: opts.prefillChunks,
-      visionThreads: opts.visionThreads,
+      visionProcesses: opts.visionProcesses,
       label: dtype,
       ...(opts.probeImage ? { probeImage: { path: opts.probeImage, maxPixels: opts.probeMaxPixels } } : {}),
     };
@@ -35,8 +35,8 @@ export async function concurrencySuite(opts: BenchOptions): Promise<{ file: stri
       results.push(result);
       // Per level and setting: medians over rounds (TTFTs pooled over rounds).
       const per = opts.levels.flatMap((level) =>
-        opts.prefillChunks.flatMap((chunk) => opts.visionThreads.map((vt) => {
-          const ls = result.levels.filter((l) => l.level === level && l.prefill_chunk === chunk && l.vision_thread === vt);
+        opts.prefillChunks.flatMap((chunk) => opts.visionProcesses.map((vt) => {
+          const ls = result.levels.filter((l) => l.level === level && l.prefill_chunk === chunk && l.vision_process === vt);
           return {
             level,
             chunk,
@@ -57,7 +57,7 @@ export async function concurrencySuite(opts: BenchOptions): Promise<{ file: stri
         rows.push([
           String(l.level),
           l.chunk === 0 ? "whole" : String(l.chunk),
-          l.vt ? "own thread" : "engine's",
+          l.vt ? "own process" : "engine's",
           opts.rounds > 1 ? fmtSpread(l.agg, 2) : fmt(l.agg.median, 2),
           `×${fmt(l.agg.median / base.agg.median, 2)}`,
           fmt(l.agg.median / l.level, 2),
@@ -81,6 +81,6 @@ export async function concurrencySuite(opts: BenchOptions): Promise<{ file: stri
   text +=
     "agg decode = tokens in the window where all streams decode together; probe = a request arriving when the first stream finishes; " +
     "probe stall = the longest gap between two tokens of a running stream during the probe's admission; ITL = gap between tokens; " +
-    "prefill chunk = the engine's prefillChunk (whole: the prompt in one turn); vision = where the encoder runs (the engine's visionThread); e2e = all tokens / wall time incl. prefills\n";
+    "prefill chunk = the engine's prefillChunk (whole: the prompt in one turn); vision = where the encoder runs (the engine's visionProcess); e2e = all tokens / wall time incl. prefills\n";
   return finishSuite(opts, "concurrency", text, { machine, size: models.size, failures }, { results, summaries });
 }

@@ -56,9 +56,9 @@ describe("bench (quick, tiny model)", () => {
     expect(() => parseBenchArgs(["vision", "--vision-patches", "1000"])).toThrow(/not the square of an even number/);
     expect(() => parseBenchArgs(["vision", "--vision-patches", "225"])).toThrow(UsageError);
     expect(parseBenchArgs(["concurrency"]).opts.prefillChunks).toEqual([0, 128]);
-    expect(parseBenchArgs(["concurrency"]).opts.visionThreads).toEqual([false]);
-    expect(parseBenchArgs(["concurrency", "--vision-thread", "0,1"]).opts.visionThreads).toEqual([false, true]);
-    expect(() => parseBenchArgs(["concurrency", "--vision-thread", "yes"])).toThrow(/--vision-thread must list 0 and\/or 1/);
+    expect(parseBenchArgs(["concurrency"]).opts.visionProcesses).toEqual([false]);
+    expect(parseBenchArgs(["concurrency", "--vision-process", "0,1"]).opts.visionProcesses).toEqual([false, true]);
+    expect(() => parseBenchArgs(["concurrency", "--vision-process", "yes"])).toThrow(/--vision-process must list 0 and\/or 1/);
     expect(parseBenchArgs(["concurrency", "--prefill-chunks", "64"]).opts.prefillChunks).toEqual([64]);
     expect(() => parseBenchArgs(["concurrency", "--prefill-chunks", "-1"])).toThrow(UsageError);
     expect(() => parseBenchArgs(["nope"])).toThrow(UsageError);
@@ -313,11 +313,11 @@ describe("bench (quick, tiny model)", () => {
     expect(attentionChunks(100, 16, 1)).toEqual({ rows: 1, chunks: 100 });
   });
 
-  it("concurrency --probe-image --vision-thread 0,1: the probe asks about another image at its own grid, encoded in either thread", async () => {
-    const [file] = await runBench(["concurrency", ...common, "--dtypes", "int4", "--tokens", "12", "--levels", "2", "--prefill-chunks", "32", "--probe-image", join(PROJECT_ROOT, "samples", "mdb146.png"), "--probe-max-pixels", "100352", "--vision-thread", "0,1"]);
+  it("concurrency --probe-image --vision-process 0,1: the probe asks about another image at its own grid, encoded in either place", async () => {
+    const [file] = await runBench(["concurrency", ...common, "--dtypes", "int4", "--tokens", "12", "--levels", "2", "--prefill-chunks", "32", "--probe-image", join(PROJECT_ROOT, "samples", "mdb146.png"), "--probe-max-pixels", "100352", "--vision-process", "0,1"]);
     const r = readResult(file!);
     expect(r.results[0].probe_grid).toEqual([1, 22, 22]); // the model card demo's size: 121 image tokens
-    expect(r.results[0].levels.map((l: { vision_thread: boolean }) => l.vision_thread)).toEqual([false, true]);
+    expect(r.results[0].levels.map((l: { vision_process: boolean }) => l.vision_process)).toEqual([false, true]);
     for (const l of r.results[0].levels) {
       expect(l.errors).toEqual([]);
       expect(l.completion_tokens).toEqual([14, 14]);

@@ -10,12 +10,12 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { BatchingEngine, DEFAULT_PREFILL_RUN_MAX, nextPrefillChunk } from "../../gpu-backend/src/engine/engine.ts";
 import type { EngineEvent } from "../../gpu-backend/src/engine/engine-types.ts";
 import { type LoadedModel, loadModel, releaseModel } from "../../gpu-backend/src/engine/model.ts";
-import type { VisionThread } from "../../gpu-backend/src/engine/vision-thread.ts";
+import type { VisionProcess } from "../../gpu-backend/src/engine/vision-process.ts";
 import { evalRequest, imageGrid } from "../../bench/lib/traces.ts";
 import { PROJECT_ROOT, loadGoldenCases } from "../support/golden.ts";
 import { useTinyModel } from "../support/tiny-model.ts";
 import { collect, requestFor, tokenIds } from "../support/engine-requests.ts";
-import { waitFor } from "./server-harness.ts";
+import { alive, waitFor } from "./server-harness.ts";
 
 const cases = loadGoldenCases();
 const tiny = useTinyModel("engine-batch-");
@@ -244,20 +244,20 @@ describe("BatchingEngine", () => {
   });
 });
 
-describe("BatchingEngine with the vision encoder in its own thread", () => {
-  let threaded: LoadedModel;
+describe("BatchingEngine with the vision encoder in its own process", () => {
+  let apart: LoadedModel;
   beforeAll(async () => {
-    threaded = await loadModel(join(tiny.dir, "onnx"), { intraOpThreads: 2, visionThread: true });
+    apart = await loadModel(join(tiny.dir, "onnx"), { intraOpThreads: 2, visionProcess: true });
   }, 60_000);
   afterAll(async () => {
-    if (threaded) await releaseModel(threaded);
+    if (apart) await releaseModel(apart);
   });
 
-  it("a thread that stops fails the encoding it was running, is started again, and serves the next request", async () => {
-    const vision = threaded.sessions.vision as VisionThread;
-    const engine = new BatchingEngine(threaded, { maxBatch: 2 });
+  it("a process that stops fails the encoding it was running, is started again, and serves the next request", async () => {
+    const vision = apart.sessions.vision as VisionProcess;
+    const engine = new BatchingEngine(apart, { maxBatch: 2 });
     const c = cases.find((k) => k.image_grid_thw)!;
-    // The crash is called as the request starts; its encoding is posted to the stopping thread right after.
+    // The crash is called as the request starts; its encoding is sent to the stopping process right after.
     const lost = await collect(engine, requestFor(c, "lost"), (ev) => void (ev.type === "start" && vision.crash()));
     expect(lost.map((e) => e.type)).toEqual(["start", "error"]);
     expect(lost.at(-1)).toMatchObject({ code: "internal_error", message: "the engine failed" });
@@ -268,16 +268,49 @@ describe("BatchingEngine with the vision encoder in its own thread", () => {
     await engine.close();
   });
 
-  it("a thread that cannot be started again leaves the engine not ready, failing image requests only", async () => {
+  it("a request cancelled while its image is encoded ends that encoding at once, alone or beside a running stream", async () => {
+    const vision = apart.sessions.vision as VisionProcess;
+    const big = await imageGrid(apart, join(PROJECT_ROOT, "samples", "mdb146.png"), 12845056);
+    const withImage = cases.find((k) => k.image_grid_thw)!;
+    const text = cases.find((k) => !k.image_grid_thw)!;
+    const run = vision.run.bind(vision);
+    for (const beside of [false, true]) {
+      const engine = new BatchingEngine(apart, { maxBatch: 2, prefillChunk: 32 });
+      const running = beside ? collect(engine, requestFor(text, "running")) : null;
+      if (running) await waitFor(() => engine.stats().active === 1 && engine.stats().queued === 0);
+      const restarts = vision.restarts;
+      const pid = vision.pid!;
+      // Cancel as the engine hands the encoding to the process (the request's signal is what stops it there).
+      vision.run = (feeds, signal) => {
+        const p = run(feeds, signal);
+        if (vision.busy) engine.cancel("big");
+        return p;
+      };
+      const seen: EngineEvent[] = [];
+      engine.submit(evalRequest("big", 3, big), (ev) => seen.push(ev));
+      await waitFor(() => vision.pid !== null && vision.pid !== pid, 10_000); // the new process is up
+      vision.run = run;
+      expect(vision.restarts).toBe(restarts + 1);
+      expect(engine.stats().visionRestarts).toBe(restarts + 1); // what /metrics reports
+      expect(seen.map((e) => e.type), `beside ${beside}`).toEqual(["start"]); // cancelled: silent from then on
+      expect(alive(pid)).toBe(false);
+      if (running) expect(tokenIds(await running)).toEqual(text.generated_ids);
+      expect(tokenIds(await collect(engine, requestFor(withImage, "next")))).toEqual(withImage.generated_ids);
+      expect(engine.stats()).toMatchObject({ active: 0, queued: 0, ready: true });
+      await engine.close();
+    }
+  }, 60_000);
+
+  it("a process that cannot be started again leaves the engine not ready, failing image requests only", async () => {
     const dir = mkdtempSync(join(tmpdir(), "engine-vision-restart-"));
     try {
       for (const f of readdirSync(join(tiny.dir, "onnx"))) symlinkSync(join(tiny.dir, "onnx", f), join(dir, f));
-      const m = await loadModel(dir, { intraOpThreads: 2, visionThread: true });
-      const vision = m.sessions.vision as VisionThread;
+      const m = await loadModel(dir, { intraOpThreads: 2, visionProcess: true });
+      const vision = m.sessions.vision as VisionProcess;
       const engine = new BatchingEngine(m, { maxBatch: 2 });
       rmSync(join(dir, "vision_encoder.onnx"));
       writeFileSync(join(dir, "vision_encoder.onnx"), "gone bad");
-      await vision.crash();
+      vision.crash();
       await waitFor(() => vision.failed !== null);
       expect(engine.stats()).toMatchObject({ ready: false, failed: true });
       const withImage = cases.find((k) => k.image_grid_thw)!;
@@ -292,8 +325,8 @@ describe("BatchingEngine with the vision encoder in its own thread", () => {
   });
 
   it("six concurrent requests (batch 4, prompts in chunks) reproduce the golden greedy ids", async () => {
-    expect(threaded.visionThread).toBe(true);
-    const engine = new BatchingEngine(threaded, { maxBatch: 4, prefillChunk: 32 });
+    expect(apart.visionProcess).toBe(true);
+    const engine = new BatchingEngine(apart, { maxBatch: 4, prefillChunk: 32 });
     const results = await Promise.all(cases.map((c, i) => collect(engine, requestFor(c, `t${i}`))));
     results.forEach((events, i) => {
       expect(tokenIds(events), cases[i]!.case).toEqual(cases[i]!.generated_ids);
@@ -302,12 +335,12 @@ describe("BatchingEngine with the vision encoder in its own thread", () => {
     await engine.close();
   });
 
-  it("a running stream keeps getting tokens while an arrival's image is encoded there, and none when the engine's thread encodes it", async () => {
+  it("a running stream keeps getting tokens while an arrival's image is encoded in the process, and none when the engine's thread encodes it", async () => {
     const text = cases.find((c) => !c.image_grid_thw)!;
-    const big = await imageGrid(threaded, join(PROJECT_ROOT, "samples", "mdb146.png"), 12845056);
+    const big = await imageGrid(apart, join(PROJECT_ROOT, "samples", "mdb146.png"), 12845056);
     expect(big.grid).toEqual([1, 74, 74]); // 1369 image tokens: an encoding that takes many decode steps' time
     const probeIds: number[][] = [];
-    for (const model of [tiny.model, threaded]) {
+    for (const model of [tiny.model, apart]) {
       const engine = new BatchingEngine(model, { maxBatch: 2, prefillChunk: 0 });
       let streamTokens = 0;
       let atProbeStart = -1;
@@ -332,13 +365,13 @@ describe("BatchingEngine with the vision encoder in its own thread", () => {
       probeIds.push(tokenIds(events));
       const during = atProbeFirst - atProbeStart;
       // On the engine's thread the encoder and the first prefill run are one turn; the prompt's further runs (of at
-      // most DEFAULT_PREFILL_RUN_MAX tokens) each let the stream take one step. In its own thread, the stream goes on.
+      // most DEFAULT_PREFILL_RUN_MAX tokens) each let the stream take one step. In its own process, the stream goes on.
       const start = events.find((e) => e.type === "start") as { prompt_tokens: number };
       const runs = Math.ceil(start.prompt_tokens / DEFAULT_PREFILL_RUN_MAX);
-      if (model.visionThread) expect(during, "stream tokens while the probe was encoded and prefilled").toBeGreaterThan(runs - 1);
+      if (model.visionProcess) expect(during, "stream tokens while the probe was encoded and prefilled").toBeGreaterThan(runs - 1);
       else expect(during).toBe(runs - 1);
       await engine.close();
     }
-    expect(probeIds[1]).toEqual(probeIds[0]); // the thread's features give the same tokens
+    expect(probeIds[1]).toEqual(probeIds[0]); // the process's features give the same tokens
   }, 120_000);
 });

@@ -188,15 +188,15 @@ describe("load errors", () => {
     expect((err as Error).message).toMatch(/EXECUTION_PROVIDER=cpu/);
   });
 
-  it("a graph that cannot be loaded is bad_model naming the file, whether the encoder runs in its own thread or not", async () => {
+  it("a graph that cannot be loaded is bad_model naming the file, whether the encoder runs in its own process or not", async () => {
     const dir = mkdtempSync(join(tmpdir(), "engine-bad-vision-"));
     try {
       for (const f of readdirSync(join(tiny.dir, "onnx"))) symlinkSync(join(tiny.dir, "onnx", f), join(dir, f));
       rmSync(join(dir, "vision_encoder.onnx"));
       writeFileSync(join(dir, "vision_encoder.onnx"), "not an onnx model");
-      for (const visionThread of [false, true]) {
-        const err = await loadModel(dir, { visionThread }).catch((e: unknown) => e);
-        expect(err, `visionThread ${visionThread}`).toMatchObject({ name: "EngineLoadError", code: "bad_model" });
+      for (const visionProcess of [false, true]) {
+        const err = await loadModel(dir, { visionProcess }).catch((e: unknown) => e);
+        expect(err, `visionProcess ${visionProcess}`).toMatchObject({ name: "EngineLoadError", code: "bad_model" });
         expect((err as Error).message).toContain(join(dir, "vision_encoder.onnx"));
       }
     } finally {

@@ -37,7 +37,7 @@ describe("loadBackendConfig", () => {
       maxBatch: 8,
       prefillChunk: 128,
       draftTokens: 0,
-      visionThread: true,
+      visionProcess: true,
       maxNewTokensCap: 2048,
       maxTotalTokens: CONFIG_DEFAULTS.maxTotalTokens,
       maxImageTokens: CONFIG_DEFAULTS.maxImageTokens,
@@ -47,11 +47,11 @@ describe("loadBackendConfig", () => {
     });
   });
 
-  it("VISION_THREAD defaults to on for the CPU provider and off for CUDA; either can be set", () => {
-    expect(loadBackendConfig({ ...BASE, EXECUTION_PROVIDER: "cuda" }).visionThread).toBe(false);
-    expect(loadBackendConfig({ ...BASE, EXECUTION_PROVIDER: "cpu" }).visionThread).toBe(true);
-    expect(loadBackendConfig({ ...BASE, VISION_THREAD: "0" }).visionThread).toBe(false);
-    expect(loadBackendConfig({ ...BASE, EXECUTION_PROVIDER: "cuda", VISION_THREAD: "1" }).visionThread).toBe(true);
+  it("VISION_PROCESS defaults to on for the CPU provider and off for CUDA; either can be set", () => {
+    expect(loadBackendConfig({ ...BASE, EXECUTION_PROVIDER: "cuda" }).visionProcess).toBe(false);
+    expect(loadBackendConfig({ ...BASE, EXECUTION_PROVIDER: "cpu" }).visionProcess).toBe(true);
+    expect(loadBackendConfig({ ...BASE, VISION_PROCESS: "0" }).visionProcess).toBe(false);
+    expect(loadBackendConfig({ ...BASE, EXECUTION_PROVIDER: "cuda", VISION_PROCESS: "1" }).visionProcess).toBe(true);
   });
 
   it("reads every variable", () => {
@@ -65,7 +65,7 @@ describe("loadBackendConfig", () => {
       MAX_BATCH: "16",
       PREFILL_CHUNK: "0",
       DRAFT_TOKENS: "4",
-      VISION_THREAD: "1",
+      VISION_PROCESS: "1",
       MAX_NEW_TOKENS_CAP: "1024",
       MAX_TOTAL_TOKENS: "8192",
       MAX_IMAGE_TOKENS: "4096",
@@ -82,7 +82,7 @@ describe("loadBackendConfig", () => {
       maxBatch: 16,
       prefillChunk: 0,
       draftTokens: 4,
-      visionThread: true,
+      visionProcess: true,
       maxNewTokensCap: 1024,
       maxTotalTokens: 8192,
       maxImageTokens: 4096,
@@ -95,7 +95,7 @@ describe("loadBackendConfig", () => {
   });
 
   it("lists every problem at once, naming each variable", () => {
-    const p = problems({ BACKEND_HMAC_SECRET: "short", EXECUTION_PROVIDER: "tpu", QUEUE_SIZE: "-1", MAX_BATCH: "eight", BACKEND_PORT: "70000", PREFILL_CHUNK: "-5", DRAFT_TOKENS: "65", VISION_THREAD: "yes", ENGINE_STALL_S: "1.5" });
+    const p = problems({ BACKEND_HMAC_SECRET: "short", EXECUTION_PROVIDER: "tpu", QUEUE_SIZE: "-1", MAX_BATCH: "eight", BACKEND_PORT: "70000", PREFILL_CHUNK: "-5", DRAFT_TOKENS: "65", VISION_PROCESS: "yes", ENGINE_STALL_S: "1.5" });
     expect(p).toHaveLength(10);
     expect(p.join("\n")).toMatch(/ENGINE_STALL_S must be an integer in \[0, 86400\]/);
     expect(p.join("\n")).toMatch(/MODEL_DIR is required/);
@@ -105,7 +105,7 @@ describe("loadBackendConfig", () => {
     expect(p.join("\n")).toMatch(/MAX_BATCH must be an integer/);
     expect(p.join("\n")).toMatch(/PREFILL_CHUNK must be an integer in \[0, 1000000\]/);
     expect(p.join("\n")).toMatch(/DRAFT_TOKENS must be an integer in \[0, 64\]/);
-    expect(p.join("\n")).toMatch(/VISION_THREAD must be an integer in \[0, 1\]/);
+    expect(p.join("\n")).toMatch(/VISION_PROCESS must be an integer in \[0, 1\]/);
     expect(p.join("\n")).toMatch(/BACKEND_PORT must be an integer in \[0, 65535\]/);
     try {
       loadBackendConfig({});

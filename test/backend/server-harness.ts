@@ -151,6 +151,16 @@ export async function startServer(engine: Engine, over: Partial<BackendAppDeps> 
   return { base: `http://127.0.0.1:${port}`, app, server, close: () => closeServer(server, 50) };
 }
 
+/** Whether a process with this id exists (signal 0 only checks). */
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** Polls `cond` every 5 ms, at most `ms`. */
 export async function waitFor(cond: () => boolean, ms = 2000): Promise<void> {
   const end = Date.now() + ms;

@@ -64,6 +64,7 @@ describe("/metrics", () => {
     const ac = new AbortController();
     const pending = postWire(srv.base, wireRequest({ header: { request_id: rid("q"), stream: false } }), { signal: ac.signal }).catch(() => null);
     await waitFor(() => engine.stats().queued === 1);
+    engine.visionRestarts = 2;
 
     const res = await fetch(`${srv.base}/metrics`);
     expect(res.status).toBe(200);
@@ -74,6 +75,8 @@ describe("/metrics", () => {
     expect(value(/^medvlm_backend_active_sequences (\S+)$/m)).toBe(0);
     expect(value(/^medvlm_backend_capacity (\S+)$/m)).toBe(4);
     expect(value(/^medvlm_backend_ready (\S+)$/m)).toBe(1);
+    expect(value(/^medvlm_backend_vision_restarts_total (\S+)$/m)).toBe(2);
+    expect(text).toContain("# TYPE medvlm_backend_vision_restarts_total counter");
     expect(value(/^medvlm_backend_generated_tokens_total (\S+)$/m)).toBe(3);
     expect(value(/^medvlm_backend_draft_tokens_total\{outcome="accepted"\} (\S+)$/m)).toBe(2);
     expect(value(/^medvlm_backend_draft_tokens_total\{outcome="rejected"\} (\S+)$/m)).toBe(5);

@@ -57,13 +57,15 @@ export interface EngineStats {
   capacity: number;
   /** Model loaded and warmed up: requests are served. */
   ready: boolean;
-  /** A part of the engine stopped for good (a vision thread that could not be started again): only a restart helps. */
+  /** A part of the engine stopped for good (a vision process that could not be started again): only a restart helps. */
   failed?: boolean;
   /**
    * The engine's thread has not answered for longer than the server's stall limit (ENGINE_STALL_S): it is stuck in
    * one run (a hung runtime or device). Not ready while it lasts; clears when the thread answers again.
    */
   stalled?: boolean;
+  /** Times the vision process was started again: an encoding cancelled while it ran, or the process died. */
+  visionRestarts?: number;
 }
 
 /** The generation engine. See the module comment for the delivery rules. */

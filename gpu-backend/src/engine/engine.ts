@@ -57,7 +57,7 @@ interface Live {
   gen?: Generation;
   startedAt?: number;
   imageTokens?: number;
-  /** Its vision encoder running in the model's vision thread while the others decode (see {@link BatchingEngine.prefillTurn}). */
+  /** Its vision encoder running in the model's vision process while the others decode (see {@link BatchingEngine.prefillTurn}). */
   encoding?: { promise: Promise<void>; done: boolean; failed: boolean; error?: unknown };
 }
 
@@ -129,8 +129,15 @@ export class BatchingEngine implements Engine {
   }
 
   stats(): EngineStats {
-    const failed = !!this.model.sessions.vision.failed;
-    return { active: this.active.length + (this.prefilling ? 1 : 0), queued: this.waiting.length, capacity: this.opts.maxBatch, ready: !this.closed && !failed, failed };
+    const { failed, restarts } = this.model.sessions.vision;
+    return {
+      active: this.active.length + (this.prefilling ? 1 : 0),
+      queued: this.waiting.length,
+      capacity: this.opts.maxBatch,
+      ready: !this.closed && !failed,
+      failed: !!failed,
+      ...(restarts !== undefined ? { visionRestarts: restarts } : {}),
+    };
   }
 
   async close(): Promise<void> {
@@ -230,12 +237,13 @@ export class BatchingEngine implements Engine {
 
   /**
    * One turn of the admitted request's prefill; with the prompt in, it emits the first token and joins the batch.
-   * With the vision encoder in its own thread and other sequences decoding, the images are encoded there while
-   * this thread goes on stepping them: each turn until the features are back only looks whether they are.
+   * With the vision encoder in its own process and other sequences decoding, the images are encoded there while
+   * this thread goes on stepping them: each turn until the features are back only looks whether they are. A
+   * cancel stops that encoding (the request's signal reaches the vision session).
    */
   private async prefillTurn(live: Live): Promise<void> {
     const seq = live.gen!.seq;
-    if (!live.encoding && !seq.prepared && this.model.visionThread && live.req.images.length > 0 && this.active.length > 0) {
+    if (!live.encoding && !seq.prepared && this.model.visionProcess && live.req.images.length > 0 && this.active.length > 0) {
       const encoding: NonNullable<Live["encoding"]> = { promise: Promise.resolve(), done: false, failed: false };
       encoding.promise = seq.prepare().then(
         () => void (encoding.done = true),

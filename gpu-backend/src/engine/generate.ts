@@ -173,9 +173,10 @@ export class Sequence {
       this.model.ioFloatType === "float16"
         ? new ort.Tensor("float16", new Uint16Array(float16Bytes(pv).buffer), [rows, width])
         : new ort.Tensor("float32", pv, [rows, width]);
-    const out = await this.model.sessions.vision.run({
-      pixel_values: pixels,
-      grid_thw: i64(gridData, [grids.length, 3]),
+    // A cancelled request's encoding is stopped where the session allows it (a vision process is killed).
+    const out = await this.model.sessions.vision.run({ pixel_values: pixels, grid_thw: i64(gridData, [grids.length, 3]) }, this.signal).catch((e: unknown) => {
+      this.check();
+      throw e;
     });
     this.timings.vision_ms = performance.now() - t0;
     return out.image_features!;

@@ -16,7 +16,7 @@ export async function createEngine(config: BackendConfig): Promise<BatchingEngin
   const model = await loadModel(config.modelDir, {
     executionProvider: config.executionProvider,
     ...(config.ortThreads ? { intraOpThreads: config.ortThreads } : {}),
-    visionThread: config.visionThread,
+    visionProcess: config.visionProcess,
   });
   // Warm-up: the first runs allocate and pick kernels; do it before reporting ready.
   await runGeneration(model, { inputIds: Int32Array.from([model.meta.vision_start_token_id - 8]) }, { ...DEFAULT_PARAMS, max_new_tokens: 2 });

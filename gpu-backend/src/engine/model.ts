@@ -14,7 +14,7 @@ import { modelFingerprint } from "../../../shared/src/fingerprint.ts";
 import { modelMetaFromFiles, type ModelMeta } from "../../../shared/src/model-meta.ts";
 import { type Embeddings, FileEmbeddings, SessionEmbeddings, locateEmbeddingTable } from "./embedding.ts";
 import type { KvContract } from "./kv-cache.ts";
-import { type VisionSession, VisionThread } from "./vision-thread.ts";
+import { type VisionSession, VisionProcess, inThreadVision } from "./vision-process.ts";
 import { CodedError } from "../../../shared/src/errors.ts";
 
 export type ExecutionProvider = "cpu" | "cuda";
@@ -39,11 +39,12 @@ export interface EngineOptions {
    */
   kvCache?: KvContract;
   /**
-   * Run the vision encoder in a worker thread of its own ({@link VisionThread}): while an image is encoded, the
+   * Run the vision encoder in a child process of its own ({@link VisionProcess}): while an image is encoded, the
    * engine's thread keeps stepping the sequences already decoding instead of stopping them for the whole
-   * encoding. The two threads then share the cores. Default false (the encoder runs in the calling thread).
+   * encoding (the two then share the cores), and a cancelled request's encoding is stopped at once. Default
+   * false (the encoder runs in the calling thread, and an encoding always runs to its end).
    */
-  visionThread?: boolean;
+  visionProcess?: boolean;
 }
 
 /** Start-up failure of the engine; `code` is stable, the message says what to do. */
@@ -78,8 +79,8 @@ export interface LoadedModel {
   logitsToKeep: boolean;
   /** `embed` is absent when the embeddings are read from the graph file (see {@link EngineOptions.embeddings}). */
   sessions: { vision: VisionSession; embed?: ort.InferenceSession; decoder: ort.InferenceSession };
-  /** The vision session runs in its own thread ({@link EngineOptions.visionThread}): awaiting it leaves this thread free. */
-  visionThread: boolean;
+  /** The vision session runs in its own process ({@link EngineOptions.visionProcess}): awaiting it leaves this thread free. */
+  visionProcess: boolean;
   /** `input_ids` → `inputs_embeds`. */
   embeddings: Embeddings;
 }
@@ -111,9 +112,9 @@ async function createSession(path: string, opts: EngineOptions): Promise<ort.Inf
   }
 }
 
-async function openVisionThread(path: string, opts: EngineOptions): Promise<VisionThread> {
+async function openVisionProcess(path: string, opts: EngineOptions): Promise<VisionProcess> {
   try {
-    return await VisionThread.open(path, sessionOptions(opts));
+    return await VisionProcess.open(path, sessionOptions(opts));
   } catch (e) {
     throw loadError(path, e, opts);
   }
@@ -183,8 +184,9 @@ export async function loadModel(dir: string, opts: EngineOptions = {}): Promise<
   }
   const embed = table ? undefined : await createSession(embedPath, opts);
   const decoder = await createSession(join(dir, kvCache === "append" ? "decoder_model_append.onnx" : "decoder_model_merged.onnx"), opts);
-  // Last: a thread that started would keep the process alive if a later session failed to load.
-  const vision = opts.visionThread ? await openVisionThread(join(dir, "vision_encoder.onnx"), opts) : await createSession(join(dir, "vision_encoder.onnx"), opts);
+  // Last: a child process that started would outlive a later session's failure to load.
+  const visionPath = join(dir, "vision_encoder.onnx");
+  const vision = opts.visionProcess ? await openVisionProcess(visionPath, opts) : inThreadVision(await createSession(visionPath, opts));
   const embeddings: Embeddings = table ? new FileEmbeddings(table) : new SessionEmbeddings(embed!, ioFloatType, config.text.hidden_size);
   return {
     dir,
@@ -197,7 +199,7 @@ export async function loadModel(dir: string, opts: EngineOptions = {}): Promise<
     kvCache,
     logitsToKeep: decoder.inputNames.includes("logits_to_keep"),
     sessions: { vision, ...(embed ? { embed } : {}), decoder },
-    visionThread: opts.visionThread ?? false,
+    visionProcess: opts.visionProcess ?? false,
     embeddings,
   };
 }

@@ -28,10 +28,11 @@ export interface BackendConfig {
   /** Speculative decoding of a sequence decoding alone: most draft tokens per pass (the engine's `draftTokens`); 0 = off. */
   draftTokens: number;
   /**
-   * The vision encoder in a thread of its own, so that running streams keep decoding while an image is encoded
-   * (the engine's `visionThread`). Default: on for the CPU provider (measured), off for CUDA (not measured yet).
+   * The vision encoder in a process of its own, so that running streams keep decoding while an image is encoded
+   * and a cancelled request's encoding stops at once (the engine's `visionProcess`). Default: on for the CPU
+   * provider (measured), off for CUDA (not measured yet).
    */
-  visionThread: boolean;
+  visionProcess: boolean;
   maxNewTokensCap: number;
   /** Prompt + image + new tokens of one request (also bounded by the model's context). */
   maxTotalTokens: number;
@@ -128,7 +129,7 @@ export function loadBackendConfig(env: Env): BackendConfig {
     maxBatch: int("MAX_BATCH", CONFIG_DEFAULTS.maxBatch, 1, 1024)!,
     prefillChunk: int("PREFILL_CHUNK", CONFIG_DEFAULTS.prefillChunk, 0, 1_000_000)!,
     draftTokens: int("DRAFT_TOKENS", CONFIG_DEFAULTS.draftTokens, 0, 64)!,
-    visionThread: int("VISION_THREAD", ep === "cuda" ? 0 : 1, 0, 1) === 1,
+    visionProcess: int("VISION_PROCESS", ep === "cuda" ? 0 : 1, 0, 1) === 1,
     maxNewTokensCap: int("MAX_NEW_TOKENS_CAP", CONFIG_DEFAULTS.maxNewTokensCap, 1, 1_000_000)!,
     maxTotalTokens: int("MAX_TOTAL_TOKENS", CONFIG_DEFAULTS.maxTotalTokens, 1, 10_000_000)!,
     maxImageTokens: int("MAX_IMAGE_TOKENS", CONFIG_DEFAULTS.maxImageTokens, 1, 10_000_000)!,

@@ -135,17 +135,22 @@ export async function main(env: Env = process.env, overrides: { engineModule?: U
     (e: Error) => fatal(`engine failed to start: ${e.message}`),
   );
 
-  // A stall (the engine's thread silent for ENGINE_STALL_S: /healthz turns 503) and its end, logged once each.
-  if (config.engineStallMs > 0) {
-    let stalled = false;
-    setInterval(() => {
-      const now = engine.stats().stalled === true;
-      if (now !== stalled) {
-        logger.log(now ? "error" : "info", now ? "engine stalled" : "engine answering again", { stall_limit_s: config.engineStallMs / 1000, in_flight: app.lifecycle.inFlight() });
-      }
-      stalled = now;
-    }, 1000).unref();
-  }
+  // A stall (the engine's thread silent for ENGINE_STALL_S: /healthz turns 503) and its end, logged once each; and
+  // restarts of the vision process (a cancelled encoding is ended with its process).
+  let stalled = false;
+  let visionRestarts = 0;
+  setInterval(() => {
+    const stats = engine.stats();
+    const now = stats.stalled === true;
+    if (now !== stalled) {
+      logger.log(now ? "error" : "info", now ? "engine stalled" : "engine answering again", { stall_limit_s: config.engineStallMs / 1000, in_flight: app.lifecycle.inFlight() });
+    }
+    stalled = now;
+    if ((stats.visionRestarts ?? 0) > visionRestarts) {
+      logger.log("warn", "vision process restarted", { restarts_total: stats.visionRestarts!, restarts: stats.visionRestarts! - visionRestarts });
+      visionRestarts = stats.visionRestarts!;
+    }
+  }, 1000).unref();
 
   let stopping = false;
   const onSignal = (signal: NodeJS.Signals) => {

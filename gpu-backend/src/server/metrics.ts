@@ -46,15 +46,16 @@ export class Counter implements Metric {
   }
 }
 
-/** A gauge whose value is read when scraped. */
+/** A gauge whose value is read when scraped; or a counter kept elsewhere (`type` "counter"), read the same way. */
 export class Gauge implements Metric {
   constructor(
     readonly name: string,
     readonly help: string,
     private readonly read: () => number,
+    private readonly type: "gauge" | "counter" = "gauge",
   ) {}
   render(): string {
-    return [`# HELP ${this.name} ${this.help}`, `# TYPE ${this.name} gauge`, `${this.name} ${fmt(this.read())}`].join("\n");
+    return [`# HELP ${this.name} ${this.help}`, `# TYPE ${this.name} ${this.type}`, `${this.name} ${fmt(this.read())}`].join("\n");
   }
 }
 
@@ -143,13 +144,21 @@ export class BackendMetrics {
   readonly requestDuration: Histogram;
   private readonly tokenRate: RateWindow;
 
-  constructor(stats: () => { active: number; queued: number; capacity: number; ready: boolean }, now: () => number = Date.now) {
+  constructor(stats: () => { active: number; queued: number; capacity: number; ready: boolean; visionRestarts?: number }, now: () => number = Date.now) {
     const r = this.registry;
     this.tokenRate = new RateWindow(10, now);
     r.register(new Gauge("medvlm_backend_queue_depth", "Requests waiting for a batch slot.", () => stats().queued));
     r.register(new Gauge("medvlm_backend_active_sequences", "Sequences being generated.", () => stats().active));
     r.register(new Gauge("medvlm_backend_capacity", "Sequences generated at once (batch size).", () => stats().capacity));
     r.register(new Gauge("medvlm_backend_ready", "1 when the model is loaded and warmed up and its engine thread answers (0 while stalled).", () => (stats().ready ? 1 : 0)));
+    r.register(
+      new Gauge(
+        "medvlm_backend_vision_restarts_total",
+        "Times the vision process was started again: an encoding cancelled while it ran, or the process died.",
+        () => stats().visionRestarts ?? 0,
+        "counter",
+      ),
+    );
     this.requests = r.register(new Counter("medvlm_backend_requests_total", "Generate requests by final outcome (ok or error code)."));
     this.errors = r.register(new Counter("medvlm_backend_errors_total", "Generate requests that ended in an error, by code."));
     this.cancellations = r.register(new Counter("medvlm_backend_cancellations_total", "Requests cancelled by the server, by reason."));
