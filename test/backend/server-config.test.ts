@@ -106,6 +106,7 @@ describe("loadBackendConfig", () => {
     expect(p.join("\n")).toMatch(/PREFILL_CHUNK must be an integer in \[0, 1000000\]/);
     expect(p.join("\n")).toMatch(/DRAFT_TOKENS must be an integer in \[0, 64\]/);
     expect(p.join("\n")).toMatch(/VISION_PROCESS must be an integer in \[0, 1\]/);
+    expect(problems({ VISION_THREAD: "0" }).join("\n")).toMatch(/VISION_THREAD was renamed VISION_PROCESS/);
     expect(p.join("\n")).toMatch(/BACKEND_PORT must be an integer in \[0, 65535\]/);
     try {
       loadBackendConfig({});

@@ -2,6 +2,7 @@
  * Shared set-up for the backend server tests: a real HTTP server on 127.0.0.1:0 around `createBackendApp`,
  * a small model meta, and signed wire requests built with the shared encoder and signer.
  */
+import { readFileSync } from "node:fs";
 import type { AddressInfo } from "node:net";
 import { serve, type ServerType } from "@hono/node-server";
 import type { ModelMeta } from "../../shared/src/model-meta.ts";
@@ -151,13 +152,17 @@ export async function startServer(engine: Engine, over: Partial<BackendAppDeps> 
   return { base: `http://127.0.0.1:${port}`, app, server, close: () => closeServer(server, 50) };
 }
 
-/** Whether a process with this id exists (signal 0 only checks). */
+/** Whether a process with this id runs: it exists (signal 0 only checks) and is not a zombie nobody reaped yet. */
 export function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch {
     return false;
+  }
+  try {
+    return !/^\d+ \(.*\) Z/s.test(readFileSync(`/proc/${pid}/stat`, "utf8"));
+  } catch {
+    return false; // gone in between
   }
 }
 

@@ -4,7 +4,7 @@
  * is started again for the runs behind it. An orphaned process does not outlive its parent.
  */
 import { spawn } from "node:child_process";
-import { writeFileSync } from "node:fs";
+import { readFileSync, readdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import * as ort from "onnxruntime-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -37,6 +37,22 @@ function largeInput(side: number): { pixels: Float32Array; grid: number[] } {
   const pixels = new Float32Array(side * side * width);
   for (let i = 0; i < pixels.length; i++) pixels[i] = ((i * 2654435761) % 1000) / 500 - 1;
   return { pixels, grid: [1, side, side] };
+}
+
+/** This process's live children running the vision program (`node --input-type=module -e …`). */
+function visionChildren(): number[] {
+  return readdirSync("/proc")
+    .filter((d) => /^\d+$/.test(d))
+    .flatMap((d) => {
+      try {
+        const stat = readFileSync(`/proc/${d}/stat`, "utf8");
+        const [state, ppid] = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+        const cmd = readFileSync(`/proc/${d}/cmdline`, "utf8");
+        return Number(ppid) === process.pid && state !== "Z" && cmd.includes("--input-type=module") ? [Number(d)] : [];
+      } catch {
+        return [];
+      }
+    });
 }
 
 describe("VisionProcess", () => {
@@ -97,21 +113,58 @@ describe("VisionProcess", () => {
   }, 60_000);
 });
 
+describe("VisionProcess start and release", () => {
+  it("a load that takes longer than its limit fails and leaves no process", async () => {
+    const before = visionChildren();
+    const err = await VisionProcess.open(join(tiny.dir, "onnx", "vision_encoder.onnx"), sessionOptions({ intraOpThreads: 1 }), 1).catch((e: unknown) => e);
+    expect(err).toMatchObject({ name: "VisionProcessError", message: "the vision encoder did not load within 0.001 s" });
+    expect(visionChildren()).toEqual(before);
+  });
+
+  it("release while a cancelled run's process is being replaced ends both, and later runs fail", async () => {
+    const before = visionChildren();
+    const vp = await VisionProcess.open(join(tiny.dir, "onnx", "vision_encoder.onnx"), sessionOptions({ intraOpThreads: 1 }));
+    expect(visionChildren()).toHaveLength(before.length + 1);
+    const ac = new AbortController();
+    const long = vp.run(feedsOf(largeInput(96).pixels, [[1, 96, 96]]), ac.signal);
+    ac.abort();
+    await expect(long).rejects.toBeInstanceOf(VisionCancelledError);
+    await vp.release(); // the restart has begun
+    expect(vp.pid).toBeNull();
+    expect(visionChildren()).toEqual(before);
+    await expect(vp.run(goldenFeeds())).rejects.toMatchObject({ name: "VisionProcessError", message: "the vision process was released" });
+  }, 60_000);
+});
+
 describe("a VisionProcess whose parent dies", () => {
-  it("ends itself, even in the middle of an encoding", async () => {
-    const { pixels, grid } = largeInput(96);
+  it("ends itself in the middle of an encoding, not when the encoding is over", async () => {
+    const { pixels, grid } = largeInput(160); // a few seconds per run on one thread
     const file = join(tiny.dir, "large-pixels.bin");
     writeFileSync(file, pixels);
     const parent = spawn(process.execPath, ["--import", "tsx", join(PROJECT_ROOT, "test", "backend", "fixtures", "vision-parent.ts"), join(tiny.dir, "onnx", "vision_encoder.onnx"), file, grid.join(",")], {
       stdio: ["ignore", "pipe", "inherit"],
     });
-    const pid = await new Promise<number>((resolve, reject) => {
-      parent.stdout.once("data", (d: Buffer) => resolve(Number(String(d).trim())));
-      parent.once("exit", (code) => reject(new Error(`the parent exited (${code})`)));
+    const lines: string[] = [];
+    let pending = "";
+    parent.stdout.on("data", (d: Buffer) => {
+      pending += String(d);
+      const parts = pending.split("\n");
+      pending = parts.pop()!;
+      lines.push(...parts);
     });
-    expect(alive(pid)).toBe(true);
-    await new Promise((r) => setTimeout(r, 300)); // into its encoding loop
-    parent.kill("SIGKILL");
-    await waitFor(() => !alive(pid), 15_000);
-  }, 60_000);
+    try {
+      // One whole run tells how long an encoding takes here; the parent dies a third into the next one.
+      await waitFor(() => lines.some((l) => l.startsWith("ran ")), 60_000);
+      const runMs = Number(lines.find((l) => l.startsWith("ran "))!.slice(4));
+      const pid = Number(lines.find((l) => l.startsWith("pid "))!.slice(4));
+      await waitFor(() => lines.filter((l) => l === "run").length === 2);
+      await new Promise((r) => setTimeout(r, runMs / 3));
+      expect(alive(pid)).toBe(true);
+      parent.kill("SIGKILL");
+      // Dead well before the encoding could end (two thirds of a run later) and tell it its parent is gone.
+      await waitFor(() => !alive(pid), runMs / 3);
+    } finally {
+      parent.kill("SIGKILL");
+    }
+  }, 120_000);
 });

@@ -54,12 +54,12 @@ interface WireTensor {
 type FromChild = { t: "ready" } | { t: "load_error"; message: string } | { t: "result"; id: number; outputs: Record<string, WireTensor> } | { t: "error"; id: number; message: string };
 
 /**
- * The child's program (`node -e`, dynamic imports only). Its main thread is inside `session.run` for a whole
- * encoding, so a worker thread watches for the parent's death (the process is re-parented) and ends the child
- * then, rather than letting an orphan finish an encoding nobody waits for.
+ * The child's program (`node -e`, dynamic imports only; argv[1]: the parent's pid). Its main thread is inside
+ * `session.run` for a whole encoding, so a worker thread watches for the parent's death (the process is
+ * re-parented) and ends the child then, rather than letting an orphan finish an encoding nobody waits for.
  */
 const CHILD = `const { Worker } = await import("node:worker_threads");
-new Worker('const { ppid } = process; setInterval(() => { if (process.ppid !== ppid) process.kill(process.pid, "SIGKILL"); }, 250);', { eval: true }).unref();
+new Worker('const parent = ' + Number(process.argv[1]) + '; setInterval(() => { if (process.ppid !== parent) process.kill(process.pid, "SIGKILL"); }, 250);', { eval: true }).unref();
 process.on("disconnect", () => process.exit(0));
 process.once("message", async ({ ort: ortUrl, path, options }) => {
   const ort = await import(ortUrl);
@@ -123,16 +123,22 @@ export class VisionProcess implements VisionSession {
   private released = false;
   private failure: Error | null = null;
   private restartCount = 0;
+  /** A process being started again, not yet loaded. */
+  private loading: ChildProcess | null = null;
 
   private constructor(
     private readonly path: string,
     private readonly options: ort.InferenceSession.SessionOptions,
+    private readonly loadTimeoutMs: number,
   ) {}
 
-  /** Starts the process and loads `path` there with `options` (plain, cloneable session options). */
-  static async open(path: string, options: ort.InferenceSession.SessionOptions): Promise<VisionProcess> {
-    const vp = new VisionProcess(path, options);
-    vp.attach(await start(path, options));
+  /**
+   * Starts the process and loads `path` there with `options` (plain, cloneable session options). A load (this one
+   * or a restart's) that takes longer than `loadTimeoutMs` (default 10 min) fails.
+   */
+  static async open(path: string, options: ort.InferenceSession.SessionOptions, loadTimeoutMs = 600_000): Promise<VisionProcess> {
+    const vp = new VisionProcess(path, options, loadTimeoutMs);
+    vp.attach(await start(path, options, loadTimeoutMs));
     return vp;
   }
 
@@ -141,6 +147,7 @@ export class VisionProcess implements VisionSession {
     return this.released ? null : this.failure;
   }
 
+  /** Times the process was started again (after a cancelled run or a crash), whether or not it could be. */
   get restarts(): number {
     return this.restartCount;
   }
@@ -181,6 +188,7 @@ export class VisionProcess implements VisionSession {
     for (const job of this.queue.splice(0)) this.settle(job, this.failure);
     if (this.current) this.settle(this.current, this.failure);
     this.current = null;
+    this.loading?.kill("SIGKILL"); // a restart under way: its load fails at once
     await this.starting;
     await stop(this.child);
   }
@@ -246,38 +254,58 @@ export class VisionProcess implements VisionSession {
   /** Starts a new process once `old` (if any) has been killed and has exited; runs wait for it meanwhile. */
   private restart(old: ChildProcess | null): void {
     this.restartCount++;
-    this.starting = stop(old).then(() => start(this.path, this.options)).then(
-      (child) => {
-        this.starting = null;
-        if (this.released) return void stop(child);
-        this.attach(child);
-        this.pump();
-      },
-      (e: Error) => {
-        this.starting = null;
-        this.failure ??= new VisionProcessError(`the vision process stopped and could not be started again: ${e.message}`);
-        for (const job of this.queue.splice(0)) this.settle(job, this.failure);
-      },
-    );
+    const load = () => (this.released ? null : start(this.path, this.options, this.loadTimeoutMs, (c) => (this.loading = c)));
+    this.starting = stop(old)
+      .then(load)
+      .then(
+        (child) => {
+          this.starting = null;
+          this.loading = null;
+          if (!child) return;
+          if (this.released) return void stop(child);
+          this.attach(child);
+          this.pump();
+        },
+        (e: Error) => {
+          this.starting = null;
+          this.loading = null;
+          this.failure ??= new VisionProcessError(`the vision process stopped and could not be started again: ${e.message}`);
+          for (const job of this.queue.splice(0)) this.settle(job, this.failure);
+        },
+      );
   }
 }
 
-/** Starts a child and waits until it has loaded `path`. */
-async function start(path: string, options: ort.InferenceSession.SessionOptions): Promise<ChildProcess> {
-  const child = spawn(process.execPath, ["--input-type=module", "-e", CHILD], {
+/**
+ * Starts a child and waits until it has loaded `path`, at most `timeoutMs` (a load that hangs — a stuck device or
+ * file system — is killed and fails like a load error). `onSpawn` gets the child before it has loaded.
+ */
+async function start(path: string, options: ort.InferenceSession.SessionOptions, timeoutMs: number, onSpawn?: (child: ChildProcess) => void): Promise<ChildProcess> {
+  // A process group of its own: a Ctrl-C or a signal to the server's group must not end an encoding while the
+  // server drains; the child ends with its parent anyway (CHILD).
+  const child = spawn(process.execPath, ["--input-type=module", "-e", CHILD, String(process.pid)], {
     stdio: ["ignore", "inherit", "inherit", "ipc"],
     serialization: "advanced",
+    detached: true,
   });
+  onSpawn?.(child);
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    child.kill("SIGKILL");
+  }, timeoutMs);
   let onMessage!: (m: FromChild) => void;
   let onError!: (e: Error) => void;
   let onExit!: (code: number | null, signal: NodeJS.Signals | null) => void;
   const first = await new Promise<FromChild | Error>((resolve) => {
     onMessage = resolve;
     onError = resolve;
-    onExit = (code, signal) => resolve(new VisionProcessError(`the vision process exited (${signal ?? code}) while loading`));
+    onExit = (code, signal) =>
+      resolve(new VisionProcessError(timedOut ? `the vision encoder did not load within ${timeoutMs / 1000} s` : `the vision process exited (${signal ?? code}) while loading`));
     child.on("message", onMessage).on("error", onError).on("exit", onExit);
     child.send({ ort: import.meta.resolve("onnxruntime-node"), path, options }, (e) => e && resolve(e));
   });
+  clearTimeout(timer);
   child.off("message", onMessage).off("error", onError).off("exit", onExit);
   if (first instanceof Error || first.t !== "ready") {
     await stop(child);

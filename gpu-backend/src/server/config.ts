@@ -115,6 +115,9 @@ export function loadBackendConfig(env: Env): BackendConfig {
   const ep = str("EXECUTION_PROVIDER") ?? "cpu";
   if (ep !== "cpu" && ep !== "cuda") problems.push(`EXECUTION_PROVIDER must be "cpu" or "cuda" (got ${JSON.stringify(ep.slice(0, 32))})`);
 
+  // Renamed when the encoder moved from a thread to a process: a setting left under the old name must not be ignored.
+  if (env.VISION_THREAD !== undefined) problems.push("VISION_THREAD was renamed VISION_PROCESS (the vision encoder now runs in a process of its own): set that instead");
+
   const host = str("BACKEND_HOST") ?? CONFIG_DEFAULTS.host;
   if (!/^[A-Za-z0-9.:[\]-]+$/.test(host)) problems.push("BACKEND_HOST must be a host name or an IP address");
 
