@@ -11,7 +11,6 @@ import { resolveModelDir } from "../../gpu-backend/src/checkpoint/load.ts";
 import { convertModel, type ConvertDtype } from "../../gpu-backend/src/convert/index.ts";
 
 export const ROOT = resolve(import.meta.dirname, "..", "..");
-const TSX = join(ROOT, "node_modules", "tsx", "dist", "cli.mjs");
 const WRANGLER = join(ROOT, "node_modules", "wrangler", "bin", "wrangler.js");
 
 /** A converted folder is complete once its manifest exists (the converter writes it last, atomically). */
@@ -82,7 +81,9 @@ const QUIET = { WRANGLER_SEND_METRICS: "false", CLOUDFLARE_CF_FETCH_ENABLED: "fa
 export function startBackend(p: { modelDir: string; port: number; secret: string; logFile?: string; env?: Record<string, string> }): Proc {
   return startGroup(
     process.execPath,
-    [TSX, "gpu-backend/src/server/main.ts"],
+    // tsx as a loader in one process (as the Dockerfile runs it), not its CLI, which would relay the group's SIGTERM
+    // to the server a second time and cut its drain short.
+    ["--import", "tsx", "gpu-backend/src/server/main.ts"],
     { ...process.env, ...QUIET, MODEL_DIR: p.modelDir, BACKEND_PORT: String(p.port), BACKEND_HMAC_SECRET: p.secret, ...p.env },
     p.logFile,
   );
