@@ -42,6 +42,28 @@ describe("BatchingEngine", () => {
     if (m !== tiny.model) await releaseModel(m);
   });
 
+  it("a running stream keeps decoding while an arrival's image is preprocessed", async () => {
+    const text = cases.find((c) => !c.image_grid_thw)!;
+    const big = await imageGrid(tiny.model, join(PROJECT_ROOT, "samples", "mdb146.png"), 12845056); // decode + resize of 1462×1010
+    const engine = new BatchingEngine(tiny.model, { maxBatch: 2 });
+    let streamTokens = 0;
+    let atSubmit = -1;
+    let atStart = -1;
+    const probe = new Promise<EngineEvent[]>((resolve) => {
+      engine.submit(requestFor(text, "running", { max_new_tokens: 20_000 }), (ev) => {
+        if (ev.type !== "token" || ++streamTokens !== 2) return;
+        atSubmit = streamTokens;
+        resolve(collect(engine, evalRequest("probe", 2, big), (p) => void (p.type === "start" && (atStart = streamTokens))));
+      });
+    });
+    const events = await probe;
+    engine.cancel("running");
+    expect(events.at(-1)).toMatchObject({ type: "done", usage: { image_tokens: 1369, completion_tokens: 2 } });
+    // Before the probe's start event (sent once its images are preprocessed), the stream went on getting tokens.
+    expect(atStart - atSubmit).toBeGreaterThan(0);
+    await engine.close();
+  });
+
   it("cancel silences a request at once and frees its slot", async () => {
     const engine = new BatchingEngine(tiny.model, { maxBatch: 2 });
     const c = cases[0]!;

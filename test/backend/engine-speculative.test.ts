@@ -186,6 +186,20 @@ describe("speculative decoding", () => {
       await engine.close();
     });
 
+    it("a pass whose kept draft ends the generation sends all of its tokens, then done", async () => {
+      const engine = new BatchingEngine(tiny.model, { maxBatch: 4, draftTokens: 8 });
+      const c = cases[0]!; // one token repeated: every draft is kept, so passes of several tokens end the generation
+      let multi = 0;
+      for (let max = 2; max <= 12; max++) {
+        const events = await collect(engine, requestFor(c, `end-${max}`, { max_new_tokens: max }));
+        expect(tokenIds(events), `max_new_tokens ${max}`).toEqual(c.generated_ids.slice(0, max));
+        expect(events.at(-1), `max_new_tokens ${max}`).toMatchObject({ type: "done", usage: { completion_tokens: max } });
+        if ((events.at(-1) as Extract<EngineEvent, { type: "done" }>).usage.completion_tokens_details?.accepted_prediction_tokens) multi++;
+      }
+      expect(multi).toBeGreaterThan(0);
+      await engine.close();
+    });
+
     it("concurrent requests still reproduce the golden ids (drafted for only while one decodes alone)", async () => {
       const engine = new BatchingEngine(tiny.model, { maxBatch: 4, draftTokens: 4 });
       const results = await Promise.all(cases.map((c, i) => collect(engine, requestFor(c, `c${i}`))));

@@ -1,15 +1,15 @@
 /**
  * The serving engine: continuous batching in the thread that owns the ONNX Runtime sessions. Each loop
- * turn advances the one request being admitted (image preprocessing and grid check when it starts; then its
- * prefill: whole when nothing else is decoding (in runs of at most `prefillRunMax` tokens, one a turn), else one
- * unit of at most `prefillChunk` prompt tokens, the
+ * turn advances the one request being admitted (its image preprocessing, which the running sequences do not wait
+ * for, then the grid check; then its prefill: whole when nothing else is decoding (in runs of at most
+ * `prefillRunMax` tokens, one a turn), else one unit of at most `prefillChunk` prompt tokens, the
  * vision encoder being a unit of its own; the first token when the prompt is in), then runs ONE decode step
  * for every active sequence together (`decodeBatch`; a sequence alone may check a speculative draft in that
  * pass, {@link BatchingEngineOptions.draftTokens}); finished sequences leave and admitted ones join between
  * steps. Implements the delivery rules of engine-types.ts.
  */
 import { ApiError, type ErrorCode } from "../../../shared/src/errors.ts";
-import { ImageDecodeError, preprocessImages } from "../preprocess/index.ts";
+import { ImageDecodeError, type PreprocessResult, preprocessImages } from "../preprocess/index.ts";
 import type { Engine, EngineEvent, EngineRequest, EngineStats } from "./engine-types.ts";
 import { CancelledError, GenerationError, decodeBatch } from "./generate.ts";
 import type { LoadedModel } from "./model.ts";
@@ -49,6 +49,24 @@ export interface BatchingEngineOptions {
   draftTokens?: number;
 }
 
+/** Work the engine's thread does not wait on while other sequences decode: each loop turn looks whether it is done. */
+interface Pending<T> {
+  promise: Promise<void>;
+  done: boolean;
+  failed: boolean;
+  value?: T;
+  error?: unknown;
+}
+
+function pending<T>(work: Promise<T>): Pending<T> {
+  const p: Pending<T> = { promise: Promise.resolve(), done: false, failed: false };
+  p.promise = work.then(
+    (value) => void Object.assign(p, { done: true, value }),
+    (error: unknown) => void Object.assign(p, { done: true, failed: true, error }),
+  );
+  return p;
+}
+
 interface Live {
   req: EngineRequest;
   sink: (ev: EngineEvent) => void;
@@ -57,8 +75,10 @@ interface Live {
   gen?: Generation;
   startedAt?: number;
   imageTokens?: number;
-  /** Its vision encoder running in the model's vision process while the others decode (see {@link BatchingEngine.prefillTurn}). */
-  encoding?: { promise: Promise<void>; done: boolean; failed: boolean; error?: unknown };
+  /** Its images being decoded and resized (libvips' threads) while the others decode (see {@link BatchingEngine.prefillTurn}). */
+  preprocessing?: Pending<PreprocessResult | null>;
+  /** Its vision encoder running in the model's vision process while the others decode. */
+  encoding?: Pending<void>;
 }
 
 /**
@@ -196,28 +216,38 @@ export class BatchingEngine implements Engine {
     this.forget(live);
   }
 
-  private token(live: Live, out: { id: number; text: string }): void {
-    this.emit(live, { type: "token", request_id: live.req.id, id: out.id, text: out.text });
+  /**
+   * Sends the tokens of one decoder pass (several when a draft was kept), then `done` if the generation ended: all
+   * of them first, since the generation is already done when a pass's last token ends it.
+   */
+  private tokens(live: Live, outs: ReadonlyArray<{ id: number; text: string }>): void {
+    for (const out of outs) this.emit(live, { type: "token", request_id: live.req.id, id: out.id, text: out.text });
     if (live.gen!.done) this.finish(live);
   }
 
-  /** Preprocesses the images, checks them against the edge's grid, sends `start`; the prefill follows. */
-  private async start(live: Live): Promise<void> {
+  /** Admits `live`: its images' preprocessing starts; {@link prefillTurn} goes on from there. */
+  private start(live: Live): void {
     const { req } = live;
     this.prefilling = live;
-    const pre = req.images.length
-      ? await preprocessImages(
-          req.images.map((im) => ({ bytes: im.bytes, minPixels: im.minPixels, maxPixels: im.maxPixels })),
-          preprocessOptionsOf(this.model, this.opts.maxImageTokens),
-        )
-      : null;
+    live.preprocessing = pending(
+      req.images.length
+        ? preprocessImages(
+            req.images.map((im) => ({ bytes: im.bytes, minPixels: im.minPixels, maxPixels: im.maxPixels })),
+            preprocessOptionsOf(this.model, this.opts.maxImageTokens),
+          )
+        : Promise.resolve(null),
+    );
+  }
+
+  /** With the images preprocessed: checks them against the edge's grid, sends `start`; the prefill follows. */
+  private begin(live: Live, pre: PreprocessResult | null): void {
+    const { req } = live;
     req.images.forEach((im, i) => {
       const got = pre!.gridThw[i]!;
       if (got.some((v, k) => v !== im.expectedGrid[k])) {
         throw new ApiError("invalid_request", `image ${i}: its grid is ${got.join("x")}, the request declared ${im.expectedGrid.join("x")}`);
       }
     });
-    if (this.byId.get(req.id) !== live) return; // cancelled while preprocessing
     live.imageTokens = pre ? pre.imageTokens.reduce((a, b) => a + b, 0) : 0;
     live.gen = new Generation(
       this.model,
@@ -236,20 +266,26 @@ export class BatchingEngine implements Engine {
   }
 
   /**
-   * One turn of the admitted request's prefill; with the prompt in, it emits the first token and joins the batch.
-   * With the vision encoder in its own process and other sequences decoding, the images are encoded there while
-   * this thread goes on stepping them: each turn until the features are back only looks whether they are. A
-   * cancel stops that encoding (the request's signal reaches the vision session).
+   * One turn of the admitted request's admission; with the prompt in, it emits the first token and joins the batch.
+   * While other sequences decode, this thread goes on stepping them during work done elsewhere: its images'
+   * preprocessing (libvips' threads), and, with the vision encoder in its own process, their encoding there. Each
+   * turn until such work is done only looks whether it is. A cancel stops the encoding (the request's signal
+   * reaches the vision session).
    */
   private async prefillTurn(live: Live): Promise<void> {
+    if (!live.gen) {
+      const pre = live.preprocessing!;
+      if (!pre.done) {
+        if (this.active.length > 0) return;
+        await pre.promise; // nothing else to step: wait here (the thread stays free for messages)
+      }
+      if (pre.failed) throw pre.error;
+      if (this.byId.get(live.req.id) !== live) return; // cancelled meanwhile
+      this.begin(live, pre.value ?? null);
+    }
     const seq = live.gen!.seq;
     if (!live.encoding && !seq.prepared && this.model.visionProcess && live.req.images.length > 0 && this.active.length > 0) {
-      const encoding: NonNullable<Live["encoding"]> = { promise: Promise.resolve(), done: false, failed: false };
-      encoding.promise = seq.prepare().then(
-        () => void (encoding.done = true),
-        (e: unknown) => void Object.assign(encoding, { done: true, failed: true, error: e }),
-      );
-      live.encoding = encoding;
+      live.encoding = pending(seq.prepare());
     }
     if (live.encoding && !live.encoding.done) {
       if (this.active.length > 0) return;
@@ -268,19 +304,13 @@ export class BatchingEngine implements Engine {
     this.prefilling = null;
     const first = live.gen!.accept(logits);
     this.active.push(live);
-    this.token(live, first);
+    this.tokens(live, [first]);
   }
 
   private async run(): Promise<void> {
     while (!this.closed) {
       const next = !this.prefilling && this.active.length < this.opts.maxBatch ? this.waiting.shift() : undefined;
-      if (next) {
-        try {
-          await this.start(next);
-        } catch (e) {
-          this.fail(next, e);
-        }
-      }
+      if (next) this.start(next);
       const admitting = this.prefilling;
       if (admitting) {
         try {
@@ -294,7 +324,7 @@ export class BatchingEngine implements Engine {
         // Alone: one pass, which may check a draft and yield several tokens.
         const [live] = batch as [Live];
         try {
-          for (const out of await live.gen!.advance(live.gen!.draft(this.opts.draftTokens ?? 0))) this.token(live, out);
+          this.tokens(live, await live.gen!.advance(live.gen!.draft(this.opts.draftTokens ?? 0)));
         } catch (e) {
           if (live.abort.signal.aborted) this.forget(live);
           else this.fail(live, e);
@@ -305,7 +335,7 @@ export class BatchingEngine implements Engine {
           batch.forEach((live, i) => {
             if (this.byId.get(live.req.id) !== live) return;
             try {
-              this.token(live, live.gen!.accept(logits[i]!));
+              this.tokens(live, [live.gen!.accept(logits[i]!)]);
             } catch (e) {
               this.fail(live, e);
             }
