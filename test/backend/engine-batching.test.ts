@@ -8,7 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { BatchingEngine, DEFAULT_PREFILL_RUN_MAX, nextPrefillChunk } from "../../gpu-backend/src/engine/engine.ts";
-import type { EngineEvent } from "../../gpu-backend/src/engine/engine-types.ts";
+import type { EngineEvent, EngineStats } from "../../gpu-backend/src/engine/engine-types.ts";
 import { type LoadedModel, loadModel, releaseModel } from "../../gpu-backend/src/engine/model.ts";
 import type { VisionProcess } from "../../gpu-backend/src/engine/vision-process.ts";
 import { evalRequest, imageGrid } from "../../bench/lib/traces.ts";
@@ -42,7 +42,7 @@ describe("BatchingEngine", () => {
     if (m !== tiny.model) await releaseModel(m);
   });
 
-  it("a running stream keeps decoding while an arrival's image is preprocessed", async () => {
+  it("a running stream keeps decoding while an arrival's image is preprocessed; an arrival without images starts at once", async () => {
     const text = cases.find((c) => !c.image_grid_thw)!;
     const big = await imageGrid(tiny.model, join(PROJECT_ROOT, "samples", "mdb146.png"), 12845056); // decode + resize of 1462×1010
     const engine = new BatchingEngine(tiny.model, { maxBatch: 2 });
@@ -61,6 +61,49 @@ describe("BatchingEngine", () => {
     expect(events.at(-1)).toMatchObject({ type: "done", usage: { image_tokens: 1369, completion_tokens: 2 } });
     // Before the probe's start event (sent once its images are preprocessed), the stream went on getting tokens.
     expect(atStart - atSubmit).toBeGreaterThan(0);
+    // A request without images has nothing to wait for: it starts in the turn it is admitted, before the next step.
+    let second = 0;
+    engine.submit(requestFor(text, "running-2", { max_new_tokens: 20_000 }), (ev) => void (ev.type === "token" && second++));
+    await waitFor(() => second >= 2);
+    const textSubmit = second;
+    let textStart = -1;
+    await collect(engine, requestFor(text, "text", { max_new_tokens: 2 }), (p) => void (p.type === "start" && (textStart = second)));
+    engine.cancel("running-2");
+    expect(textStart).toBe(textSubmit);
+  });
+
+  it("a request cancelled while its image is preprocessed holds the admission slot until that work ends, then the next is served", async () => {
+    const text = cases.find((c) => !c.image_grid_thw)!;
+    const withImage = cases.find((c) => c.image_grid_thw)!;
+    const big = await imageGrid(tiny.model, join(PROJECT_ROOT, "samples", "mdb146.png"), 12845056);
+    const engine = new BatchingEngine(tiny.model, { maxBatch: 4 });
+    const dropped: EngineEvent[] = [];
+    let streamTokens = 0;
+    let cancelledAt = -1;
+    const queuedAfter: number[] = [];
+    let atCancel: EngineStats | null = null;
+    let next: Promise<EngineEvent[]> | null = null;
+    engine.submit(requestFor(text, "running", { max_new_tokens: 20_000 }), (ev) => {
+      if (ev.type !== "token") return;
+      streamTokens++;
+      if (streamTokens === 2) engine.submit(evalRequest("dropped", 2, big), (e) => dropped.push(e));
+      if (streamTokens === 3) {
+        // "dropped" was admitted a turn ago; its preprocessing (~100 ms) outlasts the few ms of a decode step here.
+        atCancel = engine.stats();
+        engine.cancel("dropped");
+        cancelledAt = streamTokens;
+        next = collect(engine, requestFor(withImage, "next"));
+      }
+      if (cancelledAt > 0 && streamTokens <= cancelledAt + 2) queuedAfter.push(engine.stats().queued);
+    });
+    await waitFor(() => next !== null, 10_000);
+    const served = await next!;
+    engine.cancel("running");
+    expect(atCancel).toMatchObject({ active: 2, queued: 0 });
+    expect(queuedAfter.slice(0, 3)).toEqual([1, 1, 1]); // "next" waited while the cancelled preprocessing ran
+    expect(dropped).toEqual([]);
+    expect(tokenIds(served)).toEqual(withImage.generated_ids);
+    expect(engine.stats()).toMatchObject({ active: 0, queued: 0 });
     await engine.close();
   });
 

@@ -165,6 +165,7 @@ export class BatchingEngine implements Engine {
     for (const live of [...this.byId.values()]) this.cancel(live.req.id);
     this.wake?.();
     await this.loop;
+    await this.prefilling?.preprocessing?.promise; // a cancelled request's, still running
   }
 
   private forget(live: Live): void {
@@ -173,7 +174,9 @@ export class BatchingEngine implements Engine {
     if (w >= 0) this.waiting.splice(w, 1);
     const a = this.active.indexOf(live);
     if (a >= 0) this.active.splice(a, 1);
-    if (this.prefilling === live) this.prefilling = null;
+    // A request cancelled while its images are preprocessed keeps the admission slot until that work ends (it
+    // cannot be stopped): the next one's preprocessing then never runs beside it, so they do not pile up.
+    if (this.prefilling === live && !(live.preprocessing && !live.preprocessing.done)) this.prefilling = null;
   }
 
   /** Sends an event unless the request was cancelled (cancel silences a request at once). */
@@ -225,17 +228,16 @@ export class BatchingEngine implements Engine {
     if (live.gen!.done) this.finish(live);
   }
 
-  /** Admits `live`: its images' preprocessing starts; {@link prefillTurn} goes on from there. */
+  /** Admits `live`: its images' preprocessing starts ({@link prefillTurn} goes on from there), or it begins at once without images. */
   private start(live: Live): void {
     const { req } = live;
     this.prefilling = live;
+    if (req.images.length === 0) return this.begin(live, null);
     live.preprocessing = pending(
-      req.images.length
-        ? preprocessImages(
-            req.images.map((im) => ({ bytes: im.bytes, minPixels: im.minPixels, maxPixels: im.maxPixels })),
-            preprocessOptionsOf(this.model, this.opts.maxImageTokens),
-          )
-        : Promise.resolve(null),
+      preprocessImages(
+        req.images.map((im) => ({ bytes: im.bytes, minPixels: im.minPixels, maxPixels: im.maxPixels })),
+        preprocessOptionsOf(this.model, this.opts.maxImageTokens),
+      ),
     );
   }
 
@@ -279,9 +281,12 @@ export class BatchingEngine implements Engine {
         if (this.active.length > 0) return;
         await pre.promise; // nothing else to step: wait here (the thread stays free for messages)
       }
+      if (this.byId.get(live.req.id) !== live) {
+        this.prefilling = null; // cancelled meanwhile: its preprocessing is over, the slot is free
+        return;
+      }
       if (pre.failed) throw pre.error;
-      if (this.byId.get(live.req.id) !== live) return; // cancelled meanwhile
-      this.begin(live, pre.value ?? null);
+      this.begin(live, pre.value!);
     }
     const seq = live.gen!.seq;
     if (!live.encoding && !seq.prepared && this.model.visionProcess && live.req.images.length > 0 && this.active.length > 0) {
@@ -310,7 +315,13 @@ export class BatchingEngine implements Engine {
   private async run(): Promise<void> {
     while (!this.closed) {
       const next = !this.prefilling && this.active.length < this.opts.maxBatch ? this.waiting.shift() : undefined;
-      if (next) this.start(next);
+      if (next) {
+        try {
+          this.start(next);
+        } catch (e) {
+          this.fail(next, e);
+        }
+      }
       const admitting = this.prefilling;
       if (admitting) {
         try {
