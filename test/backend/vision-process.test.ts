@@ -134,6 +134,29 @@ describe("VisionProcess start and release", () => {
     expect(visionChildren()).toEqual(before);
     await expect(vp.run(goldenFeeds())).rejects.toMatchObject({ name: "VisionProcessError", message: "the vision process was released" });
   }, 60_000);
+
+  it("processes that keep dying right after their start are not started again: the session fails", async () => {
+    const vp = await VisionProcess.open(join(tiny.dir, "onnx", "vision_encoder.onnx"), sessionOptions({ intraOpThreads: 1 }));
+    try {
+      const dieOnce = async () => {
+        const pid = vp.pid!;
+        vp.crash();
+        await waitFor(() => vp.failed !== null || (vp.pid !== null && vp.pid !== pid), 30_000);
+      };
+      await dieOnce();
+      await dieOnce();
+      expect((await vp.run(goldenFeeds())).image_features!.dims).toEqual(withImages[0]!.image_embeds!.shape); // a run finished: the count starts over
+      await dieOnce();
+      await dieOnce();
+      expect(vp.failed).toBeNull();
+      await dieOnce();
+      expect(vp.failed).toMatchObject({ message: "the vision process died 3 times in a row within 10 s of starting; not started again" });
+      expect(vp.restarts).toBe(4);
+      await expect(vp.run(goldenFeeds())).rejects.toBe(vp.failed);
+    } finally {
+      await vp.release();
+    }
+  }, 120_000);
 });
 
 describe("a VisionProcess whose parent dies", () => {

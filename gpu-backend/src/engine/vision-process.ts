@@ -85,6 +85,10 @@ process.once("message", async ({ ort: ortUrl, path, options }) => {
   process.send({ t: "ready" });
 });`;
 
+/** A process dying this soon after its start, {@link MAX_QUICK_EXITS} times in a row with no run finished, is not started again. */
+const QUICK_EXIT_MS = 10_000;
+const MAX_QUICK_EXITS = 3;
+
 /** Thrown when the process cannot load the graph, or stops during a run. */
 export class VisionProcessError extends Error {
   override readonly name = "VisionProcessError";
@@ -111,8 +115,8 @@ interface Job {
  * A vision encoder session in its own process; runs go there one at a time, in order, and resolve with the
  * outputs here. A run whose signal aborts leaves the queue, or, when it is the one running, ends with the
  * process (SIGKILL), which is then started again for the runs behind it. A process that stops by itself (a
- * crash, out of memory) fails the run it was on and is started again too; only a restart that cannot load the
- * graph leaves the session {@link failed} for good.
+ * crash, out of memory) fails the run it was on and is started again too. The session {@link failed} for good
+ * when a restart cannot load the graph, or when processes keep dying right after their start (a crash loop).
  */
 export class VisionProcess implements VisionSession {
   private readonly queue: Job[] = [];
@@ -125,6 +129,8 @@ export class VisionProcess implements VisionSession {
   private restartCount = 0;
   /** A process being started again, not yet loaded. */
   private loading: ChildProcess | null = null;
+  /** Processes in a row that died within {@link QUICK_EXIT_MS} of starting without finishing a run. */
+  private quickExits = 0;
 
   private constructor(
     private readonly path: string,
@@ -231,12 +237,14 @@ export class VisionProcess implements VisionSession {
 
   private attach(child: ChildProcess): void {
     this.child = child;
+    const startedAt = performance.now();
     child.on("error", () => child.kill("SIGKILL")); // e.g. a message it could not be sent; the exit below follows
     child.on("message", (m: FromChild) => {
       if (m.t !== "result" && m.t !== "error") return;
       const job = this.current;
       if (!job || job.id !== m.id) return;
       this.current = null;
+      this.quickExits = 0; // it works
       if (m.t === "error") this.settle(job, new VisionProcessError(m.message));
       else this.settle(job, Object.fromEntries(Object.entries(m.outputs).map(([k, v]) => [k, new ort.Tensor(v.type, v.data as never, v.dims)])));
       this.pump();
@@ -247,7 +255,15 @@ export class VisionProcess implements VisionSession {
       const job = this.current;
       this.current = null;
       if (job) this.settle(job, this.failure ?? new VisionProcessError(`the vision process exited (${signal ?? code})`));
-      if (!this.released) this.restart(null);
+      if (this.released) return;
+      // Processes that die right after starting, run after run, would be restarted in a loop: give up instead.
+      this.quickExits = performance.now() - startedAt < QUICK_EXIT_MS ? this.quickExits + 1 : 0;
+      if (this.quickExits >= MAX_QUICK_EXITS) {
+        this.failure ??= new VisionProcessError(`the vision process died ${this.quickExits} times in a row within ${QUICK_EXIT_MS / 1000} s of starting; not started again`);
+        for (const queued of this.queue.splice(0)) this.settle(queued, this.failure);
+        return;
+      }
+      this.restart(null);
     });
   }
 
