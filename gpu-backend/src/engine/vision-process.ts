@@ -25,7 +25,7 @@ export interface VisionSession {
    */
   run(feeds: Record<string, ort.Tensor>, signal?: AbortSignal): Promise<Record<string, ort.Tensor>>;
   release(): Promise<void>;
-  /** Set once the session can no longer run (a {@link VisionProcess} that could not be started again). */
+  /** Set once the session can no longer run (a {@link VisionProcess} that could not be started again, or kept dying). */
   readonly failed?: Error | null;
   /** Times the session was started again after a cancelled encoding or a failure (a {@link VisionProcess}). */
   readonly restarts?: number;
