@@ -38,6 +38,9 @@ const ALLOWED = new Set([
   "load_ms",
   "signal",
   "error",
+  "stall_limit_s",
+  "restarts",
+  "restarts_total",
 ]);
 
 const MAX_STRING = 200;
