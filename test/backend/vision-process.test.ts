@@ -106,10 +106,21 @@ describe("VisionProcess", () => {
   it("a process that dies during a run fails that run only; the next run is served", async () => {
     const restarts = vision.restarts;
     const lost = vision.run(feedsOf(largeInput(96).pixels, [[1, 96, 96]]));
+    await waitFor(() => vision.running, 10_000);
     vision.crash();
     await expect(lost).rejects.toMatchObject({ name: "VisionProcessError", message: expect.stringMatching(/exited \(SIGKILL\)/) });
     expect((await vision.run(goldenFeeds())).image_features!.dims).toEqual(withImages[0]!.image_embeds!.shape);
     expect(vision.restarts).toBe(restarts + 1);
+  }, 60_000);
+
+  it("a run sent to a process that died before beginning it is served by the next process", async () => {
+    const restarts = vision.restarts;
+    const pid = vision.pid!;
+    vision.crash(); // killed, its exit not yet seen: the run below is sent to it
+    const out = await vision.run(goldenFeeds());
+    expect(out.image_features!.data).toEqual((await tiny.model.sessions.vision.run(goldenFeeds())).image_features!.data);
+    expect(vision.restarts).toBe(restarts + 1);
+    expect(vision.pid).not.toBe(pid);
   }, 60_000);
 });
 

@@ -51,7 +51,12 @@ interface WireTensor {
   data: ort.Tensor.DataType;
 }
 
-type FromChild = { t: "ready" } | { t: "load_error"; message: string } | { t: "result"; id: number; outputs: Record<string, WireTensor> } | { t: "error"; id: number; message: string };
+type FromChild =
+  | { t: "ready" }
+  | { t: "load_error"; message: string }
+  | { t: "begin"; id: number }
+  | { t: "result"; id: number; outputs: Record<string, WireTensor> }
+  | { t: "error"; id: number; message: string };
 
 /**
  * The child's program (`node -e`, dynamic imports only; argv[1]: the parent's pid). Its main thread is inside
@@ -71,6 +76,7 @@ process.once("message", async ({ ort: ortUrl, path, options }) => {
     return;
   }
   process.on("message", async ({ id, feeds }) => {
+    process.send({ t: "begin", id });
     try {
       const inputs = {};
       for (const [k, v] of Object.entries(feeds)) inputs[k] = new ort.Tensor(v.type, v.data, v.dims);
@@ -109,13 +115,18 @@ interface Job {
   reject: (e: Error) => void;
   signal?: AbortSignal;
   onAbort?: () => void;
+  /** The process acknowledged the run: from then on its death is the run's failure. */
+  began?: boolean;
+  /** Sent again once already, after a process died before beginning it. */
+  resent?: boolean;
 }
 
 /**
  * A vision encoder session in its own process; runs go there one at a time, in order, and resolve with the
  * outputs here. A run whose signal aborts leaves the queue, or, when it is the one running, ends with the
  * process (SIGKILL), which is then started again for the runs behind it. A process that stops by itself (a
- * crash, out of memory) fails the run it was on and is started again too. The session {@link failed} for good
+ * crash, out of memory) fails the run it was on and is started again too; a run it had been sent but had not
+ * begun (it died just before) goes to the next process instead, once. The session {@link failed} for good
  * when a restart cannot load the graph, or when processes keep dying right after their start (a crash loop).
  */
 export class VisionProcess implements VisionSession {
@@ -158,9 +169,14 @@ export class VisionProcess implements VisionSession {
     return this.restartCount;
   }
 
-  /** A run is in the process now. */
+  /** A run has been sent to the process and not yet answered. */
   get busy(): boolean {
     return this.current !== null;
+  }
+
+  /** The process has begun the run it was sent. */
+  get running(): boolean {
+    return this.current?.began === true;
   }
 
   /** The process's id (null while it is being started again). */
@@ -240,9 +256,10 @@ export class VisionProcess implements VisionSession {
     const startedAt = performance.now();
     child.on("error", () => child.kill("SIGKILL")); // e.g. a message it could not be sent; the exit below follows
     child.on("message", (m: FromChild) => {
-      if (m.t !== "result" && m.t !== "error") return;
+      if (m.t !== "begin" && m.t !== "result" && m.t !== "error") return;
       const job = this.current;
       if (!job || job.id !== m.id) return;
+      if (m.t === "begin") return void (job.began = true);
       this.current = null;
       this.quickExits = 0; // it works
       if (m.t === "error") this.settle(job, new VisionProcessError(m.message));
@@ -254,7 +271,12 @@ export class VisionProcess implements VisionSession {
       this.child = null;
       const job = this.current;
       this.current = null;
-      if (job) this.settle(job, this.failure ?? new VisionProcessError(`the vision process exited (${signal ?? code})`));
+      if (job && !job.began && !job.resent && !this.failure) {
+        // It died before it read this run (e.g. right after answering the previous one): the death is not this
+        // run's doing, so the next process gets it. Once only: a run whose very message kills the process fails.
+        job.resent = true;
+        this.queue.unshift(job);
+      } else if (job) this.settle(job, this.failure ?? new VisionProcessError(`the vision process exited (${signal ?? code})`));
       if (this.released) return;
       // Processes that die right after starting, run after run, would be restarted in a loop: give up instead.
       this.quickExits = performance.now() - startedAt < QUICK_EXIT_MS ? this.quickExits + 1 : 0;
