@@ -4,7 +4,8 @@
  *                       [--draft-tokens K]`
  *
  * Runs MedVLM-R1 on a messages file in the Hugging Face / qwen_vl_utils chat format (`{"messages": [...]}`;
- * image items `{"type":"image","image":"<path relative to the file, or absolute>","min_pixels":…,"max_pixels":…}`).
+ * image items `{"type":"image","image":"<path relative to the file, or absolute>","min_pixels":…,"max_pixels":…}`, or with
+ * `"resized_height":…,"resized_width":…`).
  * Streams the generated text, or with `--json` prints one JSON object on one line (ids, grids, positions,
  * generated ids, text, parsed answer, timings). `--forced-ids` scores a given continuation instead of
  * sampling and adds the top-5 `[id, logit]` of each step (the golden `forced_decode` shape). `--draft-tokens K`

@@ -10,6 +10,12 @@ const vqaFields = {
   max_new_tokens: { type: "integer", minimum: 1, description: "Default 1024 (model card), capped by the server." },
   max_pixels: { type: "integer", minimum: 1, description: "Lowers the server's per-image pixel cap (never raises it)." },
   min_pixels: { type: "integer", minimum: 1 },
+  resized_height: {
+    type: "integer",
+    minimum: 1,
+    description: "With resized_width, a fixed size instead of the image's own (qwen_vl_utils: rounded to multiples of 28); not with min_pixels/max_pixels.",
+  },
+  resized_width: { type: "integer", minimum: 1 },
   stream: { type: "boolean", default: false, description: "Server-Sent Events: `token` events, then one `done` event with the answer." },
 };
 

@@ -1,6 +1,6 @@
 /**
  * From a validated request to a tensorized wire request: each image's grid from its header dimensions
- * (smart_resize with the server's caps, narrowed by the request), the chat template rendered, tokenized, and
+ * (smart_resize with the server's caps, narrowed by the request, or from the size the request asked for), the chat template rendered, tokenized, and
  * every `<|image_pad|>` expanded to the image's token count — exactly what Qwen2VLProcessor produces.
  */
 import { ApiError } from "../../shared/src/errors.ts";
@@ -19,6 +19,9 @@ export interface InputImage {
   /** Per-image bounds asked for by the request (may only narrow the server's). */
   minPixels?: number;
   maxPixels?: number;
+  /** A size asked for instead (qwen_vl_utils' `resized_height`/`resized_width`; the parser allows both or neither, without bounds). */
+  resizedHeight?: number;
+  resizedWidth?: number;
 }
 
 export interface Prepared {
@@ -60,10 +63,9 @@ export function prepareGeneration(args: {
   const wireImages: WireImage[] = [];
   const tokensPerImage: number[] = [];
   for (const img of images) {
-    const bounds = effectivePixelBounds(
-      { minPixels: config.minPixels, maxPixels: config.maxPixels },
-      { minPixels: img.minPixels, maxPixels: img.maxPixels },
-    );
+    const server = { minPixels: config.minPixels, maxPixels: config.maxPixels };
+    const asked = img.resizedHeight !== undefined && img.resizedWidth !== undefined ? { height: img.resizedHeight, width: img.resizedWidth } : null;
+    const bounds = asked ? server : effectivePixelBounds(server, { minPixels: img.minPixels, maxPixels: img.maxPixels });
     const grid = imageGrid(
       { height: img.height, width: img.width },
       {
@@ -72,6 +74,7 @@ export function prepareGeneration(args: {
         temporalPatchSize: MODEL_META.temporal_patch_size,
         minPixels: bounds.minPixels,
         maxPixels: bounds.maxPixels,
+        ...(asked ? { requestedSize: asked } : {}),
         processorMinPixels: MODEL_META.min_pixels,
         processorMaxPixels: MODEL_META.max_pixels,
       },
@@ -85,6 +88,7 @@ export function prepareGeneration(args: {
       grid_thw: grid.gridThw,
       min_pixels: bounds.minPixels,
       max_pixels: bounds.maxPixels,
+      ...(asked ? { resized_height: asked.height, resized_width: asked.width } : {}),
     });
   }
   const imageTokens = tokensPerImage.reduce((a, b) => a + b, 0);

@@ -15,6 +15,12 @@ export interface VqaRequest {
   /** May lower the server's per-image pixel cap, never raise it. */
   max_pixels?: number;
   min_pixels?: number;
+  /**
+   * Both or neither: the image is resized to this size, rounded as qwen_vl_utils does (multiples of 28), instead
+   * of from its own; not with `max_pixels`/`min_pixels`. The result must lie within the server's pixel window.
+   */
+  resized_height?: number;
+  resized_width?: number;
   /** Server-Sent Events: `token` events with deltas, then one `done` event carrying `VqaResponse`. */
   stream?: boolean;
 }

@@ -2,7 +2,9 @@
  * Image geometry of the Qwen2-VL reference pipeline, reproduced exactly:
  *
  * 1. qwen_vl_utils 0.0.10 `fetch_image` resizes the decoded image to `smart_resize(h, w, factor=28,
- *    min_pixels, max_pixels)` (per-image `min_pixels`/`max_pixels`, defaults 3136 / 12845056);
+ *    min_pixels, max_pixels)` (per-image `min_pixels`/`max_pixels`, defaults 3136 / 12845056), or, when the
+ *    image asks for a size (`resized_height` and `resized_width`), to `smart_resize(resized_height,
+ *    resized_width, factor=28)` with the default bounds, whatever the image's own size;
  * 2. transformers 4.46.1 `Qwen2VLImageProcessor` runs its own `smart_resize` on that result with
  *    `factor = patch_size * merge_size` and the processor's bounds (preprocessor_config.json) — usually a
  *    no-op, but not always (e.g. when the per-image bounds lie outside the processor's);
@@ -179,6 +181,12 @@ export interface ImageGridParams {
   /** Per-image bounds passed to qwen_vl_utils' fetch_image (the effective request bounds). */
   minPixels: number;
   maxPixels: number;
+  /**
+   * qwen_vl_utils' `resized_height`/`resized_width`: the size asked for, which replaces the image's own in its
+   * smart_resize (with qwen_vl_utils' default bounds, as there). Unlike the reference, the result must still lie
+   * within `minPixels`..`maxPixels` (the server's window): a fixed size does not get around the server's caps.
+   */
+  requestedSize?: { height: number; width: number };
   /** The image processor's own bounds (preprocessor_config.json); default: `minPixels` / `maxPixels`. */
   processorMinPixels?: number;
   processorMaxPixels?: number;
@@ -215,13 +223,18 @@ export function imageGrid(size: { height: number; width: number }, p: ImageGridP
       throw new ApiError("invalid_parameter", `${k} must be a positive integer, got ${String(v)}`);
     }
   }
-  const [fetchedHeight, fetchedWidth] = smartResize(
-    size.height,
-    size.width,
-    p.fetchFactor ?? QWEN_VL_UTILS_DEFAULTS.factor,
-    p.minPixels,
-    p.maxPixels,
-  );
+  const fetchFactor = p.fetchFactor ?? QWEN_VL_UTILS_DEFAULTS.factor;
+  const asked = p.requestedSize;
+  const [fetchedHeight, fetchedWidth] = asked
+    ? smartResize(asked.height, asked.width, fetchFactor, QWEN_VL_UTILS_DEFAULTS.minPixels, QWEN_VL_UTILS_DEFAULTS.maxPixels)
+    : smartResize(size.height, size.width, fetchFactor, p.minPixels, p.maxPixels);
+  if (asked && (fetchedHeight * fetchedWidth > p.maxPixels || fetchedHeight * fetchedWidth < p.minPixels)) {
+    throw new ApiError(
+      "invalid_parameter",
+      `resized_height ${asked.height} x resized_width ${asked.width} becomes ${fetchedHeight}x${fetchedWidth} = ` +
+        `${fetchedHeight * fetchedWidth} pixels, outside the server's range of ${p.minPixels} to ${p.maxPixels}`,
+    );
+  }
   const factor = p.patchSize * p.mergeSize;
   // Rounding can push a ratio just under 200 over it (29x5615 → 28x5628 = 201): the reference processor
   // then raises, so this rejects too, naming both sizes.

@@ -46,6 +46,9 @@ export interface WireImage {
   /** Effective per-image bounds used for that grid (server caps narrowed by the request). */
   min_pixels: number;
   max_pixels: number;
+  /** A size the request asked for (qwen_vl_utils' `resized_height`/`resized_width`): both or neither. */
+  resized_height?: number;
+  resized_width?: number;
 }
 
 export interface GenerationParams {
@@ -141,7 +144,9 @@ function checkHeader(h: unknown): WireHeader {
       !isPositiveInt(m.max_pixels) ||
       !Array.isArray(grid) ||
       grid.length !== 3 ||
-      !grid.every(isPositiveInt)
+      !grid.every(isPositiveInt) ||
+      (m.resized_height === undefined) !== (m.resized_width === undefined) ||
+      (m.resized_height !== undefined && !(isPositiveInt(m.resized_height) && isPositiveInt(m.resized_width)))
     ) {
       throw bad(`bad image ${i}`);
     }

@@ -127,6 +127,17 @@ describe("BatchingEngine", () => {
     await engine.close();
   });
 
+  it("an image asked at a fixed size (resized_height/width) equal to its fetched size gives the golden ids; the bounds are not used", async () => {
+    const engine = new BatchingEngine(tiny.model, { maxBatch: 2 });
+    for (const c of cases.filter((k) => k.images.length === 1)) {
+      const req = requestFor(c, `fixed-${c.case}`);
+      const [width, height] = c.images[0]!.fetched_size_wh;
+      Object.assign(req.images[0]!, { resizedHeight: height, resizedWidth: width, minPixels: 3136, maxPixels: 12845056 });
+      expect(tokenIds(await collect(engine, req)), c.case).toEqual(c.generated_ids);
+    }
+    await engine.close();
+  });
+
   it("refuses an image whose decoded grid differs from the declared one, before start", async () => {
     const engine = new BatchingEngine(tiny.model, { maxBatch: 2 });
     const req = requestFor(cases[0]!, "bad-grid");

@@ -4,6 +4,7 @@
  * the teacher-forced decode, exactly as the reference.
  */
 import { execFileSync } from "node:child_process";
+import { createHash } from "node:crypto";
 import { mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -61,6 +62,27 @@ describe.each(cases.map((c) => [c.case, c] as const))("%s", (_name, c) => {
     const rope = getRopeIndex(prompt.inputIds, { imageGridThw: prompt.gridThw, spatialMergeSize: 2 });
     expect(rope.positionIds.map((a) => [...a])).toEqual(c.position_ids);
     expect(rope.ropeDeltas).toBe(c.rope_deltas);
+  });
+
+  it.runIf(c.images.length > 0)("its image items with resized_height/resized_width = the fetched sizes (no bounds) give the same ids and pixels", async () => {
+    let k = 0;
+    const messages = (c.messages as ChatMessage[]).map((m) => ({
+      ...m,
+      content:
+        typeof m.content === "string"
+          ? m.content
+          : m.content.map((item) => {
+              if (item.type !== "image") return item;
+              const { min_pixels: _min, max_pixels: _max, ...rest } = item;
+              const [width, height] = c.images[k++]!.fetched_size_wh;
+              return { ...rest, resized_height: height, resized_width: width };
+            }),
+    }));
+    expect(k).toBe(c.images.length);
+    const prompt = await buildPrompt(tiny.model, createTokenizer(tiny.model), messages, GOLDEN_DIR);
+    expect([...prompt.inputIds]).toEqual(c.input_ids);
+    const pixels = prompt.pixelValues!;
+    expect(createHash("sha256").update(new Uint8Array(pixels.buffer, pixels.byteOffset, pixels.byteLength)).digest("hex")).toBe(c.pixel_values!.sha256);
   });
 
   it("greedy generation reproduces the golden token ids", async () => {

@@ -143,6 +143,34 @@ describe("golden: fetch_image RGB, pixel_values and grid_thw are bit-exact", () 
     expect(Buffer.compare(Buffer.from(r.rows.buffer, r.rows.byteOffset, r.rows.byteLength), Buffer.from(ref.buffer, ref.byteOffset, ref.byteLength))).toBe(0);
   });
 
+  // qwen_vl_utils resizes to smart_resize(resized_height, resized_width) instead of the image's own size: asking for
+  // the size each golden image was fetched at must reach the same resize, hence the same rows, bit for bit.
+  it.each(goldenImages)("$name: resized_height/resized_width = the fetched size gives the same rows and grid", async ({ c, img }) => {
+    const [width, height] = img.fetched_size_wh;
+    const r = await preprocessImage({ bytes: readFileSync(goldenImagePath(img.image)), resizedHeight: height, resizedWidth: width }, OPTS);
+    expect([r.fetched.width, r.fetched.height]).toEqual(img.fetched_size_wh);
+    expect(r.grid.gridThw).toEqual(img.grid_thw);
+    const [a, b] = img.pixel_value_rows;
+    const ref = loadGoldenF32(c.pixel_values!.file).subarray(a * ROW, b * ROW);
+    expect(Buffer.compare(Buffer.from(r.rows.buffer, r.rows.byteOffset, r.rows.byteLength), Buffer.from(ref.buffer, ref.byteOffset, ref.byteLength))).toBe(0);
+  });
+
+  it("resized_height/resized_width: the size asked for, rounded to 28, whatever the image's own; bounds ignored as in qwen_vl_utils", async () => {
+    const img = goldenImages.find((g) => g.img.image.includes("mdb146"))!.img; // 1024x1024
+    const bytes = readFileSync(goldenImagePath(img.image));
+    // smart_resize(300, 500, 28): round(10.71)·28 = 308, round(17.86)·28 = 504 — not square like the image.
+    const r = await preprocessImage({ bytes, resizedHeight: 300, resizedWidth: 500, maxPixels: 3136 }, OPTS);
+    expect([r.fetched.height, r.fetched.width]).toEqual([308, 504]);
+    expect(r.grid).toMatchObject({ gridThw: [1, 22, 36], tokens: 198 });
+    await expect(preprocessImage({ bytes, resizedHeight: 300 }, OPTS)).rejects.toMatchObject({ code: "invalid_parameter" });
+    // Outside the server's window (here the processor's 12845056 pixels): refused before decoding.
+    await expect(preprocessImages([{ bytes, resizedHeight: 4000, resizedWidth: 4000 }], { ...OPTS, maxPixels: 1003520 })).rejects.toMatchObject({
+      code: "invalid_parameter",
+      imageIndex: 0,
+      message: expect.stringMatching(/outside the server's range of 3136 to 1003520/),
+    });
+  });
+
   it.each(cases.filter((c) => c.pixel_values))("$case: preprocessImages reproduces the whole pixel_values file", async (c) => {
     const images = c.images.map((img) => ({ bytes: readFileSync(goldenImagePath(img.image)), ...bounds(img) }));
     const r = await preprocessImages(images, OPTS);

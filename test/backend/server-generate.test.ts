@@ -53,6 +53,16 @@ describe("streaming generate", () => {
     expect(got.params.max_new_tokens).toBe(64);
   });
 
+  it("a fixed image size (resized_height/width) reaches the engine; without one, none is set", async () => {
+    engine.script = () => ({ kind: "tokens", texts: ["x"] });
+    const fixed = wireRequest();
+    Object.assign(fixed.header.images[0]!, { resized_height: 56, resized_width: 60 });
+    expect((await postWire(srv.base, fixed)).status).toBe(200);
+    expect((await postWire(srv.base, wireRequest())).status).toBe(200);
+    expect(engine.submitted[0]!.images[0]).toMatchObject({ resizedHeight: 56, resizedWidth: 60 });
+    expect(engine.submitted[1]!.images[0]).not.toHaveProperty("resizedHeight");
+  });
+
   it("passes a done without start through as the only event", async () => {
     engine.script = () => ({ kind: "done_only", text: "x" });
     const evs = await events(await postWire(srv.base, wireRequest()));

@@ -39,7 +39,8 @@ function caseText(c: (typeof golden.cases)[number]): string {
   return content.find((p) => p.type === "text")!.text as string;
 }
 
-function vqaForm(c: (typeof golden.cases)[number], extra: Record<string, string> = {}): FormData {
+/** The case's question and image as a form, with its qwen_vl_utils kwargs unless `kwargs` is false. */
+function vqaForm(c: (typeof golden.cases)[number], extra: Record<string, string> = {}, kwargs = true): FormData {
   const img = c.images[0]!;
   const { question, options } = questionAndOptions(caseText(c));
   const form = new FormData();
@@ -47,7 +48,7 @@ function vqaForm(c: (typeof golden.cases)[number], extra: Record<string, string>
   form.append("image", new File([b64ToBytes(golden.images[img.image]!)], img.image.split("/")[1]!, { type: mime }));
   form.append("question", question);
   for (const o of options) form.append("options", o);
-  for (const [k, v] of Object.entries(img.qwen_vl_utils_kwargs)) form.append(k, String(v));
+  if (kwargs) for (const [k, v] of Object.entries(img.qwen_vl_utils_kwargs)) form.append(k, String(v));
   for (const [k, v] of Object.entries(extra)) form.append(k, v);
   return form;
 }
@@ -66,6 +67,25 @@ describe("POST /v1/vqa forwards exactly the reference's token ids", () => {
     expect(wire.header.images[0]!.byte_length).toBe(b64ToBytes(golden.images[c.images[0]!.image]!).length);
     expect(wire.header.params).toMatchObject({ max_new_tokens: 1024, temperature: 0 });
     expect(wire.header.model_fingerprint).toMatch(/^fp1-[0-9a-f]{32}$/);
+  });
+
+  // qwen_vl_utils resizes to smart_resize(resized_height, resized_width) instead: the size each image was fetched
+  // at gives the same grid, hence the same ids; the size travels to the backend, which resizes to it.
+  it.each(singleImage.map((c) => [c.case, c] as const))("%s: resized_height/resized_width = its fetched size → the same ids and grid", async (_name, c) => {
+    const [width, height] = c.images[0]!.fetched_size_wh;
+    const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(c, { resized_height: String(height), resized_width: String(width) }, false) }));
+    expect(res.status).toBe(200);
+    const wire = backend.requests[0]!.wire;
+    expect([...wire.inputIds]).toEqual(c.input_ids);
+    expect(wire.header.images[0]).toMatchObject({ grid_thw: c.image_grid_thw![0], resized_height: height, resized_width: width });
+  });
+
+  it("a resized size beyond the server's MAX_PIXELS is refused with 422 before the backend is called", async () => {
+    const c = golden.cases.find((k) => k.images.length === 1)!;
+    const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(c, { resized_height: "1000", resized_width: "1000" }, false) }), { MAX_PIXELS: "401408" });
+    expect(res.status).toBe(422);
+    expect(await res.json()).toMatchObject({ error: { code: "invalid_parameter", message: expect.stringMatching(/becomes 1008x1008 = 1016064 pixels, outside the server's range of 3136 to 401408/) } });
+    expect(backend.requests).toHaveLength(0);
   });
 
   it("JSON body with a base64 data URI forwards the same ids as multipart", async () => {

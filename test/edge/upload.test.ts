@@ -291,6 +291,19 @@ describe("parseVqaRequest: multipart/form-data", () => {
     expect((await withField("stream", "0")).stream).toBe(false);
   });
 
+  it("resized_height and resized_width: both or neither, never with min/max_pixels", async () => {
+    const form = (fields: Record<string, string>) => parseVqaRequest(multipart(baseMultipart(fields)), LIMITS);
+    expect(await form({ resized_height: "280", resized_width: "420" })).toMatchObject({ resized_height: 280, resized_width: 420 });
+    await rejects(form({ resized_height: "280" }), "invalid_parameter", 422, /'resized_height' and 'resized_width' go together/);
+    await rejects(form({ resized_width: "420", resized_height: " " }), "invalid_parameter", 422, /go together/);
+    await rejects(form({ resized_height: "280", resized_width: "0" }), "invalid_parameter", 422, /'resized_width'/);
+    await rejects(form({ resized_height: "280", resized_width: "420", max_pixels: "401408" }), "invalid_parameter", 422, /cannot be combined/);
+    await rejects(form({ resized_height: "280", resized_width: "420", min_pixels: "3136" }), "invalid_parameter", 422, /cannot be combined/);
+    expect(await parseVqaRequest(json(baseJson({ resized_height: 280, resized_width: 420 })), LIMITS)).toMatchObject({ resized_height: 280, resized_width: 420 });
+    await rejects(parseVqaRequest(json(baseJson({ resized_height: 280.5, resized_width: 420 })), LIMITS), "invalid_parameter", 422, /'resized_height'/);
+    await rejects(parseVqaRequest(json(baseJson({ resized_width: 420 })), LIMITS), "invalid_parameter", 422, /go together/);
+  });
+
   it("an unknown field is refused, not ignored (a misspelt parameter would silently take its default)", async () => {
     const withField = (k: string) => parseVqaRequest(multipart(baseMultipart({ [k]: "64" })), LIMITS);
     await rejects(withField("max_tokens"), "invalid_parameter", 422, /unknown field 'max_tokens'.*max_new_tokens/);

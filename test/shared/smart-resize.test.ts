@@ -276,6 +276,22 @@ describe("imageGrid", () => {
     }
   });
 
+  it("a requested size (resized_height/width) replaces the image's own, with qwen_vl_utils' default bounds, within the server's window", () => {
+    // Whatever the image: smart_resize(300, 500) = 308x504, not a size computed from the image within the bounds.
+    for (const size of [{ height: 1, width: 1 }, { height: 4000, width: 50 }, { height: 1024, width: 1024 }]) {
+      const g = imageGrid(size, { ...base, minPixels: 3136, maxPixels: 200704, requestedSize: { height: 300, width: 500 } });
+      expect(g).toEqual({ fetchedHeight: 308, fetchedWidth: 504, resizedHeight: 308, resizedWidth: 504, gridThw: [1, 22, 36], tokens: 198 });
+    }
+    // qwen_vl_utils' defaults do: 10x10 rounds up to the 56x56 of its min_pixels (3136), 5000x5000 floors to its max.
+    expect(imageGrid({ height: 9, width: 9 }, { ...base, minPixels: 1, requestedSize: { height: 10, width: 10 } })).toMatchObject({ fetchedHeight: 56, fetchedWidth: 56 });
+    expect(imageGrid({ height: 9, width: 9 }, { ...base, requestedSize: { height: 5000, width: 5000 } })).toMatchObject({ fetchedHeight: 3556, fetchedWidth: 3556 });
+    // The server's window still bounds the result: 308x504 = 155232 pixels.
+    expect(codeOf(() => imageGrid({ height: 9, width: 9 }, { ...base, maxPixels: 155231, requestedSize: { height: 300, width: 500 } }))).toBe("invalid_parameter");
+    expect(codeOf(() => imageGrid({ height: 9, width: 9 }, { ...base, minPixels: 155233, requestedSize: { height: 300, width: 500 } }))).toBe("invalid_parameter");
+    expect(imageGrid({ height: 9, width: 9 }, { ...base, minPixels: 155232, maxPixels: 155232, requestedSize: { height: 300, width: 500 } }).tokens).toBe(198);
+    expect(codeOf(() => imageGrid({ height: 9, width: 9 }, { ...base, requestedSize: { height: 1, width: 201 } }))).toBe("aspect_ratio_too_large");
+  });
+
   it("rejects bad geometry parameters", () => {
     expect(codeOf(() => imageGrid({ height: 10, width: 10 }, { ...base, patchSize: 0 }))).toBe("invalid_parameter");
     expect(codeOf(() => imageGrid({ height: 10, width: 10 }, { ...base, mergeSize: 1.5 }))).toBe("invalid_parameter");

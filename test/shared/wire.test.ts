@@ -27,7 +27,7 @@ function sample(): WireRequest {
       input_ids_count: 5,
       images: [
         { mime: "image/png", byte_length: img1.length, width: 224, height: 224, grid_thw: [1, 16, 16], min_pixels: 3136, max_pixels: 12845056 },
-        { mime: "image/jpeg", byte_length: img2.length, width: 126, height: 70, grid_thw: [1, 4, 8], min_pixels: 3136, max_pixels: 100352 },
+        { mime: "image/jpeg", byte_length: img2.length, width: 126, height: 70, grid_thw: [1, 4, 8], min_pixels: 3136, max_pixels: 100352, resized_height: 70, resized_width: 126 },
       ],
       params: { ...DEFAULT_PARAMS, max_new_tokens: 64, stop: ["</answer>"] },
       stream: true,
@@ -89,6 +89,9 @@ describe("wire format v1", () => {
       mutate((r) => (r.header.images[0]!.grid_thw = [1, 0, 16])),
       mutate((r) => ((r.header.images[0] as { mime: string }).mime = "image/gif")),
       mutate((r) => (r.header.params.stop = [""])),
+      mutate((r) => (r.header.images[0]!.resized_height = 280)), // without resized_width
+      mutate((r) => Object.assign(r.header.images[0]!, { resized_height: 280, resized_width: 0 })),
+      mutate((r) => Object.assign(r.header.images[0]!, { resized_height: 280.5, resized_width: 420 })),
     ]) {
       expectCode(() => decodeWireRequest(body), "invalid_request");
     }

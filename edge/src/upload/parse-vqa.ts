@@ -46,6 +46,9 @@ export interface VqaInput {
   max_new_tokens?: number;
   min_pixels?: number;
   max_pixels?: number;
+  /** qwen_vl_utils' fixed size: both or neither, and not with `min_pixels`/`max_pixels`. */
+  resized_height?: number;
+  resized_width?: number;
   stream: boolean;
 }
 
@@ -131,6 +134,10 @@ async function parseMultipart(body: Uint8Array, contentType: string, limits: Vqa
   if (minP) out.min_pixels = checkPositiveInt("min_pixels", minP);
   const maxP = param("max_pixels");
   if (maxP) out.max_pixels = checkPositiveInt("max_pixels", maxP);
+  const rh = param("resized_height");
+  if (rh) out.resized_height = checkPositiveInt("resized_height", rh);
+  const rw = param("resized_width");
+  if (rw) out.resized_width = checkPositiveInt("resized_width", rw);
   const stream = param("stream");
   if (stream) out.stream = checkStream(stream);
   checkPixelBounds(out);
@@ -211,6 +218,8 @@ async function parseJson(body: Uint8Array, limits: VqaLimits): Promise<VqaInput>
   if (present(req.max_new_tokens)) out.max_new_tokens = checkPositiveInt("max_new_tokens", req.max_new_tokens, limits.maxNewTokensCap);
   if (present(req.min_pixels)) out.min_pixels = checkPositiveInt("min_pixels", req.min_pixels);
   if (present(req.max_pixels)) out.max_pixels = checkPositiveInt("max_pixels", req.max_pixels);
+  if (present(req.resized_height)) out.resized_height = checkPositiveInt("resized_height", req.resized_height);
+  if (present(req.resized_width)) out.resized_width = checkPositiveInt("resized_width", req.resized_width);
   if (present(req.stream)) out.stream = checkStream(req.stream);
   checkPixelBounds(out);
   return out;
@@ -221,7 +230,7 @@ const present = (v: unknown) => v !== undefined && v !== null;
 // ------------------------------------------------------------------------------------------- fields
 
 /** The fields `/v1/vqa` reads. */
-export const VQA_FIELDS: readonly string[] = ["image", "question", "options", "max_new_tokens", "min_pixels", "max_pixels", "stream"];
+export const VQA_FIELDS: readonly string[] = ["image", "question", "options", "max_new_tokens", "min_pixels", "max_pixels", "resized_height", "resized_width", "stream"];
 
 /**
  * Any other field is refused (422), so that a misspelt parameter (`max_tokens`, `options[]`) is not silently
@@ -293,6 +302,12 @@ function checkStream(v: unknown): boolean {
 function checkPixelBounds(out: VqaInput): void {
   if (out.min_pixels !== undefined && out.max_pixels !== undefined && out.min_pixels > out.max_pixels) {
     throw new ApiError("invalid_parameter", "field 'min_pixels' must not exceed field 'max_pixels'");
+  }
+  const fixed = [out.resized_height, out.resized_width].filter((v) => v !== undefined).length;
+  if (fixed === 1) throw new ApiError("invalid_parameter", "fields 'resized_height' and 'resized_width' go together");
+  // qwen_vl_utils would silently ignore the bounds next to a fixed size: refused, so no client is surprised.
+  if (fixed === 2 && (out.min_pixels !== undefined || out.max_pixels !== undefined)) {
+    throw new ApiError("invalid_parameter", "fields 'resized_height'/'resized_width' cannot be combined with 'min_pixels'/'max_pixels'");
   }
 }
 

@@ -25,6 +25,9 @@ export interface EngineImage {
   /** Effective per-image pixel bounds the edge used for `expectedGrid`. */
   minPixels: number;
   maxPixels: number;
+  /** The size the request asked for (qwen_vl_utils' `resized_height`/`resized_width`), if any: it replaces the bounds. */
+  resizedHeight?: number;
+  resizedWidth?: number;
   /** [t, h, w] in patches, as the edge computed it; the engine refuses the request when its own grid differs. */
   expectedGrid: [number, number, number];
 }

@@ -235,7 +235,12 @@ export class BatchingEngine implements Engine {
     if (req.images.length === 0) return this.begin(live, null);
     live.preprocessing = pending(
       preprocessImages(
-        req.images.map((im) => ({ bytes: im.bytes, minPixels: im.minPixels, maxPixels: im.maxPixels })),
+        req.images.map(({ bytes, minPixels, maxPixels, resizedHeight, resizedWidth }) => ({
+          bytes,
+          minPixels,
+          maxPixels,
+          ...(resizedHeight !== undefined && resizedWidth !== undefined ? { resizedHeight, resizedWidth } : {}),
+        })),
         preprocessOptionsOf(this.model, this.opts.maxImageTokens),
       ),
     );

@@ -1,7 +1,7 @@
 /**
  * Messages in the Hugging Face / qwen_vl_utils chat format → the model's input, as the model card's Python
  * does it: `apply_chat_template(add_generation_prompt=True)`, `process_vision_info` (images fetched and
- * resized with their per-image `min_pixels`/`max_pixels`), then the processor (pixel values, grids,
+ * resized with their per-image `min_pixels`/`max_pixels`, or to their `resized_height`/`resized_width`), then the processor (pixel values, grids,
  * `<|image_pad|>` expansion).
  */
 import { readFile } from "node:fs/promises";
@@ -70,6 +70,9 @@ export async function buildPrompt(
       const input: PreprocessImageInput = { bytes: await readImageRef(item.image ?? (item.image_url as { url?: string } | undefined)?.url, baseDir) };
       if (typeof item.min_pixels === "number") input.minPixels = item.min_pixels;
       if (typeof item.max_pixels === "number") input.maxPixels = item.max_pixels;
+      // Both or neither, as qwen_vl_utils reads them (one alone is ignored there; refused here).
+      if (typeof item.resized_height === "number") input.resizedHeight = item.resized_height;
+      if (typeof item.resized_width === "number") input.resizedWidth = item.resized_width;
       images.push(input);
     }
   }

@@ -26,6 +26,9 @@ export interface PreprocessImageInput {
   bytes: Uint8Array;
   minPixels?: number;
   maxPixels?: number;
+  /** qwen_vl_utils' `resized_height`/`resized_width` (both or neither): when given, the bounds above are ignored, as there. */
+  resizedHeight?: number;
+  resizedWidth?: number;
 }
 
 /** Server-side preprocessing configuration (preprocessor_config.json plus serving limits). */
@@ -99,16 +102,22 @@ function checkOptions(o: PreprocessOptions): void {
 }
 
 function gridFor(size: { width: number; height: number }, input: PreprocessImageInput, o: PreprocessOptions): ImageGrid {
+  const server = { minPixels: o.minPixels, maxPixels: o.maxPixels };
+  const fixed = input.resizedHeight !== undefined || input.resizedWidth !== undefined;
+  if (fixed && (input.resizedHeight === undefined || input.resizedWidth === undefined)) {
+    throw new ApiError("invalid_parameter", "resized_height and resized_width go together");
+  }
   const request: { minPixels?: number; maxPixels?: number } = {};
   if (input.minPixels !== undefined) request.minPixels = input.minPixels;
   if (input.maxPixels !== undefined) request.maxPixels = input.maxPixels;
-  const bounds = effectivePixelBounds({ minPixels: o.minPixels, maxPixels: o.maxPixels }, request);
+  const bounds = fixed ? server : effectivePixelBounds(server, request);
   return imageGrid(size, {
     patchSize: o.patchSize,
     mergeSize: o.mergeSize,
     temporalPatchSize: o.temporalPatchSize,
     minPixels: bounds.minPixels,
     maxPixels: bounds.maxPixels,
+    ...(fixed ? { requestedSize: { height: input.resizedHeight!, width: input.resizedWidth! } } : {}),
     processorMinPixels: o.minPixels,
     processorMaxPixels: o.maxPixels,
   });

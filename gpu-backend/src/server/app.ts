@@ -267,6 +267,7 @@ export function createBackendApp(deps: BackendAppDeps): BackendApp {
         mime: im.mime,
         minPixels: im.min_pixels,
         maxPixels: im.max_pixels,
+        ...(im.resized_height !== undefined && im.resized_width !== undefined ? { resizedHeight: im.resized_height, resizedWidth: im.resized_width } : {}),
         expectedGrid: im.grid_thw,
       })),
       params: header.params,
