@@ -111,7 +111,22 @@ export const OPENAPI = {
                                   {
                                     type: "object",
                                     required: ["type", "image_url"],
-                                    properties: { type: { const: "image_url" }, image_url: { type: "object", required: ["url"], properties: { url: { type: "string", pattern: "^data:image/" } } } },
+                                    properties: {
+                                      type: { const: "image_url" },
+                                      image_url: {
+                                        type: "object",
+                                        required: ["url"],
+                                        additionalProperties: false,
+                                        properties: {
+                                          url: { type: "string", pattern: "^data:image/" },
+                                          detail: { const: "auto" },
+                                          min_pixels: vqaFields.min_pixels,
+                                          max_pixels: vqaFields.max_pixels,
+                                          resized_height: vqaFields.resized_height,
+                                          resized_width: vqaFields.resized_width,
+                                        },
+                                      },
+                                    },
                                   },
                                 ],
                               },

@@ -9,6 +9,7 @@ import { effectivePixelBounds, imageGrid } from "../../shared/src/smart-resize.t
 import { expandImagePads } from "../../shared/src/image-tokens.ts";
 import type { GenerationParams, WireImage, WireRequest } from "../../shared/src/wire.ts";
 import type { EdgeConfig } from "./config.ts";
+import type { ImageSizing } from "./upload/parse-vqa.ts";
 import { MODEL_META, encode, getTokenizer } from "./tokenizer/index.ts";
 
 export interface InputImage {
@@ -16,12 +17,8 @@ export interface InputImage {
   mime: WireImage["mime"];
   width: number;
   height: number;
-  /** Per-image bounds asked for by the request (may only narrow the server's). */
-  minPixels?: number;
-  maxPixels?: number;
-  /** A size asked for instead (qwen_vl_utils' `resized_height`/`resized_width`; the parser allows both or neither, without bounds). */
-  resizedHeight?: number;
-  resizedWidth?: number;
+  /** How the request asks for it to be sized (checked by `checkImageSizing`): bounds that may only narrow the server's, or a fixed size. */
+  sizing?: ImageSizing;
 }
 
 export interface Prepared {
@@ -63,9 +60,10 @@ export function prepareGeneration(args: {
   const wireImages: WireImage[] = [];
   const tokensPerImage: number[] = [];
   for (const img of images) {
+    const s = img.sizing ?? {};
     const server = { minPixels: config.minPixels, maxPixels: config.maxPixels };
-    const asked = img.resizedHeight !== undefined && img.resizedWidth !== undefined ? { height: img.resizedHeight, width: img.resizedWidth } : null;
-    const bounds = asked ? server : effectivePixelBounds(server, { minPixels: img.minPixels, maxPixels: img.maxPixels });
+    const asked = s.resized_height !== undefined && s.resized_width !== undefined ? { height: s.resized_height, width: s.resized_width } : null;
+    const bounds = asked ? server : effectivePixelBounds(server, { minPixels: s.min_pixels, maxPixels: s.max_pixels });
     const grid = imageGrid(
       { height: img.height, width: img.width },
       {

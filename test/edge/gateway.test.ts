@@ -164,6 +164,62 @@ describe("POST /v1/chat/completions", () => {
     expect(backend.requests[0]!.wire.header.images.map((i) => i.grid_thw)).toEqual(c.image_grid_thw);
   });
 
+  // Each image sized as the reference sized it: with its qwen_vl_utils kwargs (min/max_pixels) in the image_url
+  // object, or with resized_height/resized_width = the size it was fetched at. Either way, the golden ids.
+  it.each(golden.cases.filter((c) => c.images.length > 0).map((c) => [c.case, c] as const))("%s: image_url objects sized like the reference → the golden ids", async (_name, c) => {
+    const mime = (i: (typeof c.images)[number]) => (i.original_format === "JPEG" ? "image/jpeg" : "image/png");
+    const ask = async (sizing: (i: (typeof c.images)[number]) => Record<string, number>) =>
+      call(
+        await authed("/v1/chat/completions", {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({
+            messages: [
+              {
+                role: "user",
+                content: [
+                  ...c.images.map((i) => ({ type: "image_url", image_url: { url: `data:${mime(i)};base64,${golden.images[i.image]}`, detail: "auto", ...sizing(i) } })),
+                  { type: "text", text: caseText(c) },
+                ],
+              },
+            ],
+          }),
+        }),
+      );
+    const asked = [(i: (typeof c.images)[number]) => i.qwen_vl_utils_kwargs, (i: (typeof c.images)[number]) => ({ resized_height: i.fetched_size_wh[1], resized_width: i.fetched_size_wh[0] })];
+    for (const [n, sizing] of asked.entries()) {
+      expect((await ask(sizing)).status).toBe(200);
+      const wire = backend.requests[n]!.wire;
+      expect([...wire.inputIds]).toEqual(c.input_ids);
+      expect(wire.header.images.map((i) => i.grid_thw)).toEqual(c.image_grid_thw);
+    }
+    expect(backend.requests[1]!.wire.header.images.map((i) => [i.resized_height, i.resized_width])).toEqual(c.images.map((i) => [i.fetched_size_wh[1], i.fetched_size_wh[0]]));
+  });
+
+  it("image_url objects: unknown fields, OpenAI's low/high detail and bad sizing are refused (422), naming the field", async () => {
+    const c = golden.cases[0]!;
+    const ask = async (imageUrl: Record<string, unknown>) => {
+      const res = await call(
+        await authed("/v1/chat/completions", {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({
+            messages: [{ role: "user", content: [{ type: "text", text: "x" }, { type: "image_url", image_url: { url: `data:image/png;base64,${golden.images[c.images[0]!.image]}`, ...imageUrl } }] }],
+          }),
+        }),
+      );
+      expect(res.status).toBe(422);
+      return ((await res.json()) as { error: { code: string; message: string } }).error;
+    };
+    expect(await ask({ maxpixels: 1000 })).toMatchObject({ code: "invalid_parameter", message: expect.stringMatching(/unknown field 'maxpixels'; messages\[0\]\.content\[1\]\.image_url accepts url, detail, min_pixels/) });
+    expect(await ask({ detail: "low" })).toMatchObject({ code: "invalid_parameter", message: expect.stringMatching(/detail may only be "auto"/) });
+    expect(await ask({ max_pixels: 0 })).toMatchObject({ code: "invalid_parameter", message: expect.stringMatching(/'messages\[0\]\.content\[1\]\.image_url\.max_pixels' must be a positive integer/) });
+    expect(await ask({ resized_width: 280 })).toMatchObject({ code: "invalid_parameter", message: expect.stringMatching(/go together/) });
+    expect(await ask({ resized_width: 280, resized_height: 280, min_pixels: 3136 })).toMatchObject({ code: "invalid_parameter", message: expect.stringMatching(/cannot be combined/) });
+    expect(await ask({ max_pixels: 1 })).toMatchObject({ code: "invalid_parameter", message: expect.stringMatching(/below the server's min_pixels/) });
+    expect(backend.requests).toHaveLength(0);
+  });
+
   it("text-only string content (golden case_04) → the golden ids", async () => {
     const c = golden.cases.find((x) => x.case === "case_04")!;
     const res = await call(

@@ -1,14 +1,23 @@
 /**
  * `POST /v1/chat/completions`, OpenAI-compatible so the official `openai` client works unchanged. Images come
  * as `image_url` parts holding `data:` URIs only: the service never fetches remote URLs (no SSRF, no third
- * party sees medical images). The messages go through the model's own chat template.
+ * party sees medical images). An `image_url` object may size its image as `/v1/vqa` does (`min_pixels`,
+ * `max_pixels`, or `resized_height` and `resized_width`). The messages go through the model's own chat template.
  */
 import type { Context } from "hono";
 import { ApiError } from "../../../shared/src/errors.ts";
 import type { ChatMessage, ContentItem } from "../../../shared/src/chat-template.ts";
 import { DEFAULT_PARAMS, type GenerationParams } from "../../../shared/src/wire.ts";
 import { readBodyLimited } from "../../../shared/src/read-body.ts";
-import { acceptedMediaType, decodeDataUri, validateImageBytes } from "../upload/parse-vqa.ts";
+import {
+  IMAGE_SIZING_FIELDS,
+  acceptedMediaType,
+  checkImageSizing,
+  decodeDataUri,
+  refuseUnknownFields,
+  validateImageBytes,
+  type ImageSizing,
+} from "../upload/parse-vqa.ts";
 import { callBackend } from "../backend/client.ts";
 import { loadConfig } from "../config.ts";
 import { assertNoSpecialTokens, prepareGeneration, type InputImage } from "../prepare.ts";
@@ -19,6 +28,8 @@ import type { AppEnv } from "../app-env.ts";
 
 const MAX_MESSAGES = 64;
 const MAX_IMAGES = 4;
+/** What an `image_url` object may hold: OpenAI's fields, and the per-image sizing of `/v1/vqa`. */
+const IMAGE_URL_FIELDS: readonly string[] = ["url", "detail", ...IMAGE_SIZING_FIELDS];
 
 function param(msg: string): ApiError {
   return new ApiError("invalid_parameter", msg);
@@ -54,14 +65,14 @@ function refuseUnsupported(b: Record<string, unknown>): void {
 export function parseChatRequest(
   body: unknown,
   limits: { maxNewTokensDefault: number; maxNewTokensCap: number },
-): { messages: ChatMessage[]; imageUris: string[]; params: GenerationParams; stream: boolean; includeUsage: boolean } {
+): { messages: ChatMessage[]; images: { uri: string; sizing: ImageSizing }[]; params: GenerationParams; stream: boolean; includeUsage: boolean } {
   if (body === null || typeof body !== "object" || Array.isArray(body)) throw new ApiError("invalid_request", "the body must be a JSON object");
   const b = body as Record<string, unknown>;
   if (!Array.isArray(b.messages) || b.messages.length === 0) throw new ApiError("invalid_request", "messages must be a non-empty array");
   if (b.messages.length > MAX_MESSAGES) throw new ApiError("invalid_request", `at most ${MAX_MESSAGES} messages`);
   if (b.n !== undefined && b.n !== 1) throw param("only n = 1 is supported");
   refuseUnsupported(b);
-  const imageUris: string[] = [];
+  const images: { uri: string; sizing: ImageSizing }[] = [];
   const messages: ChatMessage[] = b.messages.map((m: unknown, i: number) => {
     const msg = (m ?? {}) as Record<string, unknown>;
     if (!["system", "user", "assistant"].includes(msg.role as string)) {
@@ -74,17 +85,23 @@ export function parseChatRequest(
       const part = (p ?? {}) as Record<string, unknown>;
       if (part.type === "text" && typeof part.text === "string") return { type: "text", text: part.text };
       if (part.type === "image_url") {
-        const iu = part.image_url as { url?: unknown } | string | undefined;
-        const url = typeof iu === "string" ? iu : iu?.url;
-        if (typeof url !== "string") throw new ApiError("invalid_request", `messages[${i}].content[${j}].image_url.url is required`);
-        imageUris.push(url);
+        const where = `messages[${i}].content[${j}].image_url`;
+        const iu = (typeof part.image_url === "object" && part.image_url !== null ? part.image_url : {}) as Record<string, unknown>;
+        const url = typeof part.image_url === "string" ? part.image_url : iu.url;
+        if (typeof url !== "string") throw new ApiError("invalid_request", `${where}.url is required`);
+        refuseUnknownFields(Object.keys(iu), IMAGE_URL_FIELDS, where);
+        // OpenAI's "low"/"high" resolutions have no equivalent here: the sizing fields say what is wanted instead.
+        if (iu.detail !== undefined && iu.detail !== null && iu.detail !== "auto") {
+          throw param(`${where}.detail may only be "auto"; size the image with min_pixels/max_pixels or resized_height/resized_width`);
+        }
+        images.push({ uri: url, sizing: checkImageSizing((k) => (iu[k] === null ? undefined : iu[k]), `${where}.`) });
         return { type: "image" };
       }
       throw new ApiError("invalid_request", `messages[${i}].content[${j}] must be a text or image_url part`);
     });
     return { role, content };
   });
-  if (imageUris.length > MAX_IMAGES) throw new ApiError("invalid_request", `at most ${MAX_IMAGES} images per request`);
+  if (images.length > MAX_IMAGES) throw new ApiError("invalid_request", `at most ${MAX_IMAGES} images per request`);
 
   const maxTokens = b.max_completion_tokens ?? b.max_tokens;
   if (maxTokens !== undefined && maxTokens !== null && (typeof maxTokens !== "number" || !Number.isInteger(maxTokens) || maxTokens < 1 || maxTokens > limits.maxNewTokensCap)) {
@@ -108,7 +125,7 @@ export function parseChatRequest(
     stop: stop as string[],
   };
   const opts = (b.stream_options ?? {}) as Record<string, unknown>;
-  return { messages, imageUris, params, stream: b.stream === true, includeUsage: opts.include_usage === true };
+  return { messages, images, params, stream: b.stream === true, includeUsage: opts.include_usage === true };
 }
 
 export async function chatHandler(c: Context<AppEnv>): Promise<Response> {
@@ -134,9 +151,9 @@ export async function chatHandler(c: Context<AppEnv>): Promise<Response> {
     throw new ApiError("context_length_exceeded", `the messages' text is ${chars} characters; the limit is ${config.maxPromptChars}`);
   }
   assertNoSpecialTokens(texts);
-  const images: InputImage[] = req.imageUris.map((uri) => {
+  const images: InputImage[] = req.images.map(({ uri, sizing }) => {
     const { bytes, declaredMime } = decodeDataUri(uri, limits.maxUploadBytes);
-    return validateImageBytes(bytes, declaredMime, limits);
+    return { ...validateImageBytes(bytes, declaredMime, limits), sizing };
   });
   const prepared = prepareGeneration({ requestId, messages: req.messages, images, params: req.params, stream: true, config });
   const edgeMs = Date.now() - started;

@@ -37,7 +37,7 @@ export async function vqaHandler(c: Context<AppEnv>): Promise<Response> {
   const prepared = prepareGeneration({
     requestId,
     messages,
-    images: [{ ...input.image, minPixels: input.min_pixels, maxPixels: input.max_pixels, resizedHeight: input.resized_height, resizedWidth: input.resized_width }],
+    images: [{ ...input.image, sizing: input /* its min/max_pixels, resized_height/width */ }],
     params: { ...DEFAULT_PARAMS, max_new_tokens: input.max_new_tokens ?? config.maxNewTokensDefault },
     stream: true,
     config,

@@ -36,19 +36,28 @@ export interface VqaImage {
   height: number;
 }
 
+/**
+ * How a request asks for one image to be sized, with qwen_vl_utils' names: bounds that narrow the server's, or a
+ * fixed size (both or neither, and not with the bounds). Absent fields were not sent.
+ */
+export interface ImageSizing {
+  min_pixels?: number;
+  max_pixels?: number;
+  resized_height?: number;
+  resized_width?: number;
+}
+
+/** The fields of {@link ImageSizing}. */
+export const IMAGE_SIZING_FIELDS = ["min_pixels", "max_pixels", "resized_height", "resized_width"] as const;
+
 /** A validated `/v1/vqa` request. Optional numbers are absent when the client did not send them. */
-export interface VqaInput {
+export interface VqaInput extends ImageSizing {
   image: VqaImage;
   /** Trimmed, non-empty. */
   question: string;
   /** Trimmed, non-empty, `minOptions`..`maxOptions` of them. */
   options: string[];
   max_new_tokens?: number;
-  min_pixels?: number;
-  max_pixels?: number;
-  /** qwen_vl_utils' fixed size: both or neither, and not with `min_pixels`/`max_pixels`. */
-  resized_height?: number;
-  resized_width?: number;
   stream: boolean;
 }
 
@@ -130,17 +139,9 @@ async function parseMultipart(body: Uint8Array, contentType: string, limits: Vqa
   };
   const mnt = param("max_new_tokens");
   if (mnt) out.max_new_tokens = checkPositiveInt("max_new_tokens", mnt, limits.maxNewTokensCap);
-  const minP = param("min_pixels");
-  if (minP) out.min_pixels = checkPositiveInt("min_pixels", minP);
-  const maxP = param("max_pixels");
-  if (maxP) out.max_pixels = checkPositiveInt("max_pixels", maxP);
-  const rh = param("resized_height");
-  if (rh) out.resized_height = checkPositiveInt("resized_height", rh);
-  const rw = param("resized_width");
-  if (rw) out.resized_width = checkPositiveInt("resized_width", rw);
+  Object.assign(out, checkImageSizing(param));
   const stream = param("stream");
   if (stream) out.stream = checkStream(stream);
-  checkPixelBounds(out);
   return out;
 }
 
@@ -216,12 +217,8 @@ async function parseJson(body: Uint8Array, limits: VqaLimits): Promise<VqaInput>
   const out: VqaInput = { image, question, options: checkOptions(req.options, limits), stream: false };
 
   if (present(req.max_new_tokens)) out.max_new_tokens = checkPositiveInt("max_new_tokens", req.max_new_tokens, limits.maxNewTokensCap);
-  if (present(req.min_pixels)) out.min_pixels = checkPositiveInt("min_pixels", req.min_pixels);
-  if (present(req.max_pixels)) out.max_pixels = checkPositiveInt("max_pixels", req.max_pixels);
-  if (present(req.resized_height)) out.resized_height = checkPositiveInt("resized_height", req.resized_height);
-  if (present(req.resized_width)) out.resized_width = checkPositiveInt("resized_width", req.resized_width);
+  Object.assign(out, checkImageSizing((name) => (present(req[name]) ? req[name] : undefined)));
   if (present(req.stream)) out.stream = checkStream(req.stream);
-  checkPixelBounds(out);
   return out;
 }
 
@@ -230,17 +227,17 @@ const present = (v: unknown) => v !== undefined && v !== null;
 // ------------------------------------------------------------------------------------------- fields
 
 /** The fields `/v1/vqa` reads. */
-export const VQA_FIELDS: readonly string[] = ["image", "question", "options", "max_new_tokens", "min_pixels", "max_pixels", "resized_height", "resized_width", "stream"];
+export const VQA_FIELDS: readonly string[] = ["image", "question", "options", "max_new_tokens", ...IMAGE_SIZING_FIELDS, "stream"];
 
 /**
  * Any other field is refused (422), so that a misspelt parameter (`max_tokens`, `options[]`) is not silently
  * ignored. The field's name is quoted only when it looks like a name (never free text a client put there).
  */
-function refuseUnknownFields(names: Iterable<string>): void {
+export function refuseUnknownFields(names: Iterable<string>, allowed: readonly string[] = VQA_FIELDS, where = "/v1/vqa"): void {
   for (const name of names) {
-    if (VQA_FIELDS.includes(name)) continue;
+    if (allowed.includes(name)) continue;
     const shown = /^[A-Za-z0-9_.[\]-]{1,40}$/.test(name) ? ` '${name}'` : "";
-    throw new ApiError("invalid_parameter", `unknown field${shown}; /v1/vqa accepts ${VQA_FIELDS.join(", ")}`);
+    throw new ApiError("invalid_parameter", `unknown field${shown}; ${where} accepts ${allowed.join(", ")}`);
   }
 }
 
@@ -299,16 +296,26 @@ function checkStream(v: unknown): boolean {
   throw new ApiError("invalid_parameter", "field 'stream' must be true/false (or \"1\"/\"0\")");
 }
 
-function checkPixelBounds(out: VqaInput): void {
+/**
+ * Reads and checks one image's {@link ImageSizing} fields: `read(name)` gives a field's value (undefined when not
+ * sent); `prefix` names where they sit in error messages (e.g. `messages[0].content[1].image_url.`).
+ */
+export function checkImageSizing(read: (name: string) => unknown, prefix = ""): ImageSizing {
+  const out: ImageSizing = {};
+  for (const name of IMAGE_SIZING_FIELDS) {
+    const v = read(name);
+    if (v !== undefined) out[name] = checkPositiveInt(prefix + name, v);
+  }
   if (out.min_pixels !== undefined && out.max_pixels !== undefined && out.min_pixels > out.max_pixels) {
-    throw new ApiError("invalid_parameter", "field 'min_pixels' must not exceed field 'max_pixels'");
+    throw new ApiError("invalid_parameter", `field '${prefix}min_pixels' must not exceed field '${prefix}max_pixels'`);
   }
   const fixed = [out.resized_height, out.resized_width].filter((v) => v !== undefined).length;
-  if (fixed === 1) throw new ApiError("invalid_parameter", "fields 'resized_height' and 'resized_width' go together");
+  if (fixed === 1) throw new ApiError("invalid_parameter", `fields '${prefix}resized_height' and '${prefix}resized_width' go together`);
   // qwen_vl_utils would silently ignore the bounds next to a fixed size: refused, so no client is surprised.
   if (fixed === 2 && (out.min_pixels !== undefined || out.max_pixels !== undefined)) {
-    throw new ApiError("invalid_parameter", "fields 'resized_height'/'resized_width' cannot be combined with 'min_pixels'/'max_pixels'");
+    throw new ApiError("invalid_parameter", `fields '${prefix}resized_height'/'${prefix}resized_width' cannot be combined with '${prefix}min_pixels'/'${prefix}max_pixels'`);
   }
+  return out;
 }
 
 /** Whether `s` has more than `limit` code points (counting stops just past the limit). */
