@@ -329,12 +329,26 @@ describe("BatchingEngine with the vision encoder in its own process", () => {
     if (apart) await releaseModel(apart);
   });
 
-  it("a process that stops fails the encoding it was running, is started again, and serves the next request", async () => {
+  it("a process that stops fails the encoding it was running (one it had not begun goes to the next process), and serves the next request", async () => {
     const vision = apart.sessions.vision as VisionProcess;
     const engine = new BatchingEngine(apart, { maxBatch: 2 });
     const c = cases.find((k) => k.image_grid_thw)!;
-    // The crash is called as the request starts; its encoding is sent to the stopping process right after.
-    const lost = await collect(engine, requestFor(c, "lost"), (ev) => void (ev.type === "start" && vision.crash()));
+    const restarts = vision.restarts;
+    // The crash is called as the request starts; its encoding is sent to the stopping process right after, which
+    // never begins it: the new process encodes it, and the request gets its golden ids.
+    const resent = await collect(engine, requestFor(c, "resent"), (ev) => void (ev.type === "start" && vision.crash()));
+    expect(tokenIds(resent)).toEqual(c.generated_ids);
+    expect(vision.restarts).toBe(restarts + 1);
+    // The crash comes once the process has begun a long encoding: that request fails.
+    const big = await imageGrid(apart, join(PROJECT_ROOT, "samples", "mdb146.png"), 12845056);
+    const crashWhenRunning = setInterval(() => {
+      if (!vision.running) return;
+      clearInterval(crashWhenRunning);
+      vision.crash();
+    }, 2);
+    const lost = await collect(engine, evalRequest("lost", 3, big));
+    clearInterval(crashWhenRunning);
+    expect(vision.restarts).toBe(restarts + 2);
     expect(lost.map((e) => e.type)).toEqual(["start", "error"]);
     expect(lost.at(-1)).toMatchObject({ code: "internal_error", message: "the engine failed" });
     const next = await collect(engine, requestFor(c, "next"));
