@@ -9,6 +9,8 @@ export interface EdgeConfig {
   modelId: string;
   backendUrls: string[];
   backendTimeoutMs: number;
+  /** How long a backend may take to answer at all (its headers come on admission, before queueing). */
+  backendHeadersTimeoutMs: number;
   backendSecret: string;
   maxUploadBytes: number;
   maxImagePixels: number;
@@ -53,6 +55,7 @@ export function loadConfig(env: EdgeEnv): EdgeConfig {
     modelId: env.MODEL_ID || "medvlm-r1",
     backendUrls,
     backendTimeoutMs: int(env, "BACKEND_TIMEOUT_MS", 120_000),
+    backendHeadersTimeoutMs: int(env, "BACKEND_HEADERS_TIMEOUT_MS", 15_000),
     backendSecret: env.BACKEND_HMAC_SECRET,
     maxUploadBytes: int(env, "MAX_UPLOAD_BYTES", 10 * 1024 * 1024),
     maxImagePixels: int(env, "MAX_IMAGE_PIXELS", 50_000_000),

@@ -7,6 +7,7 @@ export interface EdgeEnv {
   /** Comma-separated backend base URLs; the edge balances across them by reported load. */
   BACKEND_URLS?: string;
   BACKEND_TIMEOUT_MS?: string;
+  BACKEND_HEADERS_TIMEOUT_MS?: string;
   /** Secret: HMAC-SHA256 key shared with the backends (wire-format request signing). */
   BACKEND_HMAC_SECRET?: string;
 

@@ -5,7 +5,6 @@
  */
 import { ApiError } from "../../shared/src/errors.ts";
 import type { FinishReason, Timings, Usage } from "../../shared/src/api.ts";
-import { readEvents } from "../../shared/src/wire.ts";
 import { type BackendCall, clientErrorOf } from "./backend/client.ts";
 
 export interface Completion {
@@ -27,10 +26,8 @@ export interface TokenDelta {
  */
 export async function consume(call: BackendCall, onToken?: (t: TokenDelta) => void | Promise<void>): Promise<Completion> {
   let index = 0;
-  const body = call.response.body;
-  if (!body) throw new ApiError("backend_error", "the model backend answered without a body");
   try {
-    for await (const ev of readEvents(body)) {
+    for await (const ev of call.events) {
       if (ev.type === "token") await onToken?.({ id: ev.id, text: ev.text, index: index++ });
       else if (ev.type === "done") {
         return { text: ev.text, finish_reason: ev.finish_reason, usage: ev.usage, timings: ev.timings };

@@ -277,19 +277,30 @@ describe("engine refusals before start", () => {
     [{ kind: "refuse", code: "backend_overloaded", message: "busy" }, 503],
   ];
   for (const [b, status] of mapped) {
-    it(`${b.code} → HTTP ${status} (stream and stream:false)`, async () => {
+    it(`${b.code}: stream:false → HTTP ${status}; a stream (answered on admission) → its one event`, async () => {
       engine.script = () => b;
-      for (const stream of [true, false]) {
-        const wire = wireRequest({ header: { stream } });
-        const res = await postWire(srv.base, wire);
-        expect(res.status).toBe(status);
-        expect(status).toBe(ERROR_STATUS[b.code]);
-        const err = await errorOf(res);
-        expect(err).toMatchObject({ code: b.code, message: b.message, request_id: wire.header.request_id });
-        if (b.code === "backend_overloaded") expect(res.headers.get("retry-after")).toBe("1");
-      }
+      const wire = wireRequest({ header: { stream: false } });
+      const res = await postWire(srv.base, wire);
+      expect(res.status).toBe(status);
+      expect(status).toBe(ERROR_STATUS[b.code]);
+      expect(await errorOf(res)).toMatchObject({ code: b.code, message: b.message, request_id: wire.header.request_id });
+      if (b.code === "backend_overloaded") expect(res.headers.get("retry-after")).toBe("1");
+      const streamed = await postWire(srv.base, wireRequest());
+      expect(streamed.status).toBe(200);
+      expect(streamed.headers.get(LOAD_HEADER)).toBeTruthy();
+      expect(await events(streamed)).toEqual([{ type: "error", code: b.code, message: b.message }]);
     });
   }
+
+  it("a stream's headers go out on admission, before the request leaves the queue", async () => {
+    engine.script = () => ({ kind: "queue" });
+    const ac = new AbortController();
+    const res = await postWire(srv.base, wireRequest(), { signal: ac.signal });
+    expect(res.status).toBe(200); // answered while the request still waits in the engine's queue
+    expect(engine.stats().queued).toBe(1);
+    ac.abort();
+    await waitFor(() => engine.cancelled.length === 1);
+  });
 });
 
 describe("admission control", () => {
@@ -361,12 +372,16 @@ describe("cancellation", () => {
     expect(metrics).toMatch(/^medvlm_backend_errors_total\{code="backend_timeout"\} 1$/m);
   });
 
-  it("the deadline passing before start → 504", async () => {
+  it("the deadline passing before start → 504 (stream:false), or the stream's one backend_timeout event", async () => {
     engine.script = () => ({ kind: "queue" });
-    const res = await postWire(srv.base, wireRequest({ header: { deadline_ms: Date.now() + 100 } }));
+    const res = await postWire(srv.base, wireRequest({ header: { deadline_ms: Date.now() + 100, stream: false } }));
     expect(res.status).toBe(504);
     expect((await errorOf(res)).code).toBe("backend_timeout");
     expect(engine.cancelled).toHaveLength(1);
+    const streamed = await postWire(srv.base, wireRequest({ header: { deadline_ms: Date.now() + 100 } }));
+    expect(streamed.status).toBe(200);
+    expect(await events(streamed)).toEqual([{ type: "error", code: "backend_timeout", message: expect.any(String) }]);
+    expect(engine.cancelled).toHaveLength(2);
   });
 });
 

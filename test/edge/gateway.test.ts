@@ -7,7 +7,8 @@ import { afterEach, beforeEach, describe, expect, inject, it } from "vitest";
 import app from "../../edge/src/index.ts";
 import { resetBackendState } from "../../edge/src/backend/client.ts";
 import { ConfigError, loadConfig } from "../../edge/src/config.ts";
-import { BackendDouble, tokensDone } from "./support/backend-double.ts";
+import type { ErrorCode } from "../../shared/src/errors.ts";
+import { BackendDouble, tokensDone, type Script } from "./support/backend-double.ts";
 import { b64ToBytes, questionAndOptions, token } from "./support/tokens.ts";
 
 const golden = inject("golden");
@@ -408,6 +409,56 @@ describe("backend failures", () => {
     expect(backend.requests.map((r) => r.url)).toEqual(["https://b2.test"]);
   });
 
+  it("a backend that sends no headers within BACKEND_HEADERS_TIMEOUT_MS is skipped for the next, and tried last while down", async () => {
+    backend.script("https://b1.test", { kind: "silent" }).script("https://b2.test", { kind: "events", events: tokensDone(["<answer>C</answer>"]) });
+    const env = { ...two, BACKEND_HEADERS_TIMEOUT_MS: "50", BACKEND_TIMEOUT_MS: "60000" };
+    const started = Date.now();
+    const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), env);
+    expect(res.status).toBe(200);
+    expect(((await res.json()) as { answer: string }).answer).toBe("C");
+    expect(Date.now() - started).toBeLessThan(30_000); // not the request's whole time
+    expect(backend.aborted).toEqual([backend.requests[0]!.wire.header.request_id]); // the silent call was given up
+    await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), env);
+    expect(backend.requests.map((r) => r.url)).toEqual(["https://b1.test", "https://b2.test", "https://b2.test"]);
+  });
+
+  it("headers come on admission: a refusal before start (an error event first) fails over, or ends the request if it is a verdict", async () => {
+    const refusal = (code: ErrorCode): Script => ({ kind: "events", events: [{ type: "error", code, message: `internals of ${code}` }] });
+    const served = { kind: "events" as const, events: tokensDone(["<answer>C</answer>"]) };
+    for (const code of ["internal_error", "backend_unavailable", "backend_overloaded", "invalid_request"] as const) {
+      resetBackendState();
+      backend.requests.length = 0;
+      backend.script("https://b1.test", refusal(code)).script("https://b2.test", served);
+      const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), two);
+      expect(res.status, code).toBe(200);
+      expect(((await res.json()) as { answer: string }).answer, code).toBe("C");
+      expect(backend.requests.map((r) => r.url), code).toEqual(["https://b1.test", "https://b2.test"]);
+    }
+    for (const [code, status] of [["invalid_image", 422], ["backend_timeout", 504]] as const) {
+      resetBackendState();
+      backend.requests.length = 0;
+      backend.script("https://b1.test", refusal(code)).script("https://b2.test", served);
+      const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!, { stream: "true" }) }), two);
+      expect(res.status, code).toBe(status); // an HTTP error, not an event stream: nothing was relayed yet
+      expect(((await res.json()) as { error: { code: string } }).error.code).toBe(code);
+      expect(backend.requests, code).toHaveLength(1);
+    }
+    // Every backend refusing: the last refusal, without its internals.
+    resetBackendState();
+    backend.script("https://b1.test", refusal("internal_error")).script("https://b2.test", refusal("internal_error"));
+    const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), two);
+    expect(res.status).toBe(502);
+    expect(JSON.stringify(await res.json())).not.toContain("internals");
+  });
+
+  it("a stream that breaks before start fails over too", async () => {
+    const broken = () => new Response(new ReadableStream({ start: (c) => c.error(new Error("connection reset")) }), { headers: { "content-type": "application/x-ndjson" } });
+    backend.script("https://b1.test", { kind: "response", make: broken }).script("https://b2.test", { kind: "events", events: tokensDone(["<answer>C</answer>"]) });
+    const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), two);
+    expect(res.status).toBe(200);
+    expect(backend.requests.map((r) => r.url)).toEqual(["https://b1.test", "https://b2.test"]);
+  });
+
   it("prefers the backend that reported the lower load", async () => {
     backend
       .script("https://b1.test", { kind: "events", events: tokensDone(["x"]), load: "active=8;queued=4;capacity=8" })
@@ -522,10 +573,15 @@ describe("backend failures", () => {
     }
   });
 
-  it("a 2xx without a body, or with a malformed done event, ends in 502 backend_error at once", async () => {
-    const malformedDone = '{"type":"done","text":"hi"}\n';
-    const answers = [() => new Response(null, { status: 200 }), () => new Response(null, { status: 204 }), () => new Response(malformedDone, { status: 200 })];
-    for (const make of answers) {
+  it("a 2xx without events, or with a malformed done event, ends in 502 backend_error at once", async () => {
+    const start = '{"type":"start","request_id":"x","prompt_tokens":1,"image_tokens":0,"queue_ms":0}\n';
+    const answers = [
+      { make: () => new Response(null, { status: 200 }), started: false },
+      { make: () => new Response(null, { status: 204 }), started: false },
+      { make: () => new Response('{"type":"done","text":"hi"}\n', { status: 200 }), started: false },
+      { make: () => new Response(`${start}{"type":"done","text":"hi"}\n`, { status: 200 }), started: true },
+    ];
+    for (const { make, started } of answers) {
       backend.script("default", { kind: "response", make });
       const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), { BACKEND_TIMEOUT_MS: "60000" });
       expect(res.status).toBe(502);
@@ -534,9 +590,12 @@ describe("backend failures", () => {
         await authed("/v1/chat/completions", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ messages: [{ role: "user", content: "hi" }] }) }),
       );
       expect(chat.status).toBe(502);
-      const streamed = await (await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!, { stream: "true" }) }))).text();
-      expect(streamed.match(/event: error/g)).toHaveLength(1);
-      expect(streamed).toContain('"code":"backend_error"');
+      // A stream fails as an HTTP error before the backend has started, and as one error event after.
+      const streamed = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!, { stream: "true" }) }));
+      expect(streamed.status).toBe(started ? 200 : 502);
+      const text = await streamed.text();
+      if (started) expect(text.match(/event: error/g)).toHaveLength(1);
+      expect(text).toContain('"code":"backend_error"');
     }
   });
 

@@ -1,7 +1,8 @@
 /**
  * Calls the GPU backends: signs the wire request, picks the least-loaded healthy backend, fails over to the
- * next one when a backend cannot be reached, is overloaded or fails before answering, and maps every failure
- * to a stable error. The client's cancellation (`signal`) aborts the backend call, which stops the backend's work.
+ * next one when a backend cannot be reached, does not answer, is overloaded or fails before generating, and maps
+ * every failure to a stable error. The client's cancellation (`signal`) aborts the backend call, which stops the
+ * backend's work.
  */
 import { ApiError, type ErrorCode } from "../../../shared/src/errors.ts";
 import {
@@ -9,7 +10,9 @@ import {
   LOAD_HEADER,
   WIRE_CONTENT_TYPE,
   encodeWireRequest,
+  readEvents,
   signWireRequest,
+  type BackendEvent,
   type WireRequest,
 } from "../../../shared/src/wire.ts";
 import type { EdgeConfig } from "../config.ts";
@@ -120,17 +123,38 @@ async function errorFromResponse(res: Response): Promise<ApiError> {
 }
 
 export interface BackendCall {
-  response: Response;
+  /** The backend's events from its first (usually `start`), which showed that this backend serves the request. */
+  events: AsyncIterable<BackendEvent>;
   backend: string;
   /** Fires when the request's time at the backend (BACKEND_TIMEOUT_MS) is up; it also aborts the body. */
   timeout: AbortSignal;
 }
 
 /**
- * Sends the request; resolves with the first backend response that is OK (2xx), whose body the caller reads.
- * Retries on the next backend when one cannot be reached, is overloaded (503) or fails (any other error but
- * a verdict on the request or a timeout, which are final; nothing was generated yet, so a retry is safe).
- * The timeout covers the whole call, headers and body (it is also the deadline sent to the backend).
+ * Whether a backend's refusal (before it generated anything) ends the request: a verdict on the request, or its
+ * deadline spent. Otherwise the next backend is tried, and one that failed (not merely busy) is skipped for a while.
+ */
+function isFinal(err: ApiError): boolean {
+  return err.code === "backend_timeout" || REQUEST_VERDICTS.has(err.code);
+}
+
+/** `first`, then the rest of `rest`; returning early releases `rest` (its body's reader). */
+async function* resume(first: BackendEvent, rest: AsyncIterator<BackendEvent>): AsyncGenerator<BackendEvent> {
+  try {
+    yield first;
+    for (let r = await rest.next(); !r.done; r = await rest.next()) yield r.value;
+  } finally {
+    await rest.return?.(undefined);
+  }
+}
+
+/**
+ * Sends the request; resolves once a backend serves it: its response is OK (2xx) and its first event is not an
+ * error. Backends answer on admission, before queueing, so one that sends no headers within
+ * BACKEND_HEADERS_TIMEOUT_MS is taken for down. Retries on the next backend when one cannot be reached, does not
+ * answer, is overloaded (503) or fails before generating (an HTTP error, or an `error` event before any other),
+ * unless the failure is final ({@link isFinal}); nothing was generated yet, so a retry is safe. BACKEND_TIMEOUT_MS
+ * covers the whole call, headers and body (it is also the deadline sent to the backend).
  */
 export async function callBackend(
   config: EdgeConfig,
@@ -146,39 +170,63 @@ export async function callBackend(
     if (signal.aborted) throw new ApiError("backend_unavailable", "request cancelled");
     const headers = { "content-type": WIRE_CONTENT_TYPE, ...(await signWireRequest(body, config.backendSecret)) };
     const timeout = AbortSignal.timeout(config.backendTimeoutMs);
+    const silent = new AbortController();
+    const silentTimer = setTimeout(() => silent.abort(), Math.min(config.backendHeadersTimeoutMs, config.backendTimeoutMs));
+    // The backend was not reached, went silent, or its stream broke: the error that ends the call (a client that
+    // left, the request's time spent), or null after marking the backend down, to try the next one.
+    const lost = (what: string) => {
+      if (signal.aborted) return new ApiError("backend_unavailable", "request cancelled");
+      if (timeout.aborted) {
+        log("warn", "backend timeout", { request_id: req.header.request_id, backend: url, attempt });
+        return new ApiError("backend_timeout", "the model did not answer in time");
+      }
+      log("warn", what, { request_id: req.header.request_id, backend: url, attempt });
+      markDown(url);
+      return null;
+    };
     let res: Response;
     try {
       res = await fetcher(`${url}${GENERATE_PATH}`, {
         method: "POST",
         headers,
         body,
-        signal: AbortSignal.any([signal, timeout]),
+        signal: AbortSignal.any([signal, timeout, silent.signal]),
       });
-    } catch (e) {
-      if (signal.aborted) throw new ApiError("backend_unavailable", "request cancelled");
-      if (timeout.aborted) {
-        log("warn", "backend timeout", { request_id: req.header.request_id, backend: url, attempt });
-        throw new ApiError("backend_timeout", "the model did not answer in time");
-      }
-      log("warn", "backend unreachable", { request_id: req.header.request_id, backend: url, attempt });
-      markDown(url);
+    } catch {
+      const err = lost(silent.signal.aborted ? "backend did not answer" : "backend unreachable");
+      if (err) throw err;
       continue;
+    } finally {
+      clearTimeout(silentTimer);
     }
+    let err: ApiError;
     if (res.ok) {
       noteLoad(url, res);
-      return { response: res, backend: url, timeout };
+      // The first event decides, as a status would: an error before any other is the backend's refusal.
+      const events = res.body ? readEvents(res.body)[Symbol.asyncIterator]() : null;
+      let first: IteratorResult<BackendEvent> | null = null;
+      try {
+        first = events ? await events.next() : null;
+      } catch {
+        const gone = lost("backend stream broke before start");
+        if (gone) throw gone;
+        continue;
+      }
+      if (first && !first.done && first.value.type !== "error") return { events: resume(first.value, events!), backend: url, timeout };
+      await events?.return?.(undefined);
+      void res.body?.cancel().catch(() => {});
+      err = first && !first.done && first.value.type === "error" ? clientErrorOf(first.value.code, first.value.message) : new ApiError("backend_error", "the model backend answered without events");
+    } else {
+      err = await errorFromResponse(res);
     }
-    const err = await errorFromResponse(res);
+    if (isFinal(err)) throw err;
+    lastError = err;
     if (err.code === "backend_overloaded") {
       noteLoad(url, res);
-      lastError = err;
       continue;
     }
-    // A verdict on the request, or its deadline spent, is final; a backend that failed is skipped for a while.
-    if (err.code === "backend_timeout" || REQUEST_VERDICTS.has(err.code)) throw err;
     log("warn", "backend error", { request_id: req.header.request_id, backend: url, status: res.status, code: err.code, attempt });
     markDown(url);
-    lastError = err;
   }
   throw lastError;
 }

@@ -20,6 +20,7 @@ import {
   decodeWireRequest,
   encodeEvent,
   verifyWireSignature,
+  type BackendEvent,
   type WireRequest,
 } from "../../../shared/src/wire.ts";
 import type { Engine, EngineEvent, EngineRequest } from "../engine/engine-types.ts";
@@ -182,7 +183,6 @@ export function createBackendApp(deps: BackendAppDeps): BackendApp {
   });
   app.notFound((c) => errorResponse(c, new ApiError("not_found", "no such route")));
 
-  // Liveness: fails only when the engine cannot recover by itself, so that the orchestrator restarts the process.
   // Liveness: a part of the engine failed for good, or its thread is stuck in a run; a restart is what helps.
   app.get("/healthz", (c) => {
     const s = engine.stats();
@@ -294,28 +294,30 @@ export function createBackendApp(deps: BackendAppDeps): BackendApp {
       void gen.finished.then(() => signal.removeEventListener("abort", onAbort));
     }
 
-    return header.stream ? streamResponse(c, gen) : collectResponse(c, gen);
+    return header.stream ? streamResponse(gen) : collectResponse(c, gen);
   });
 
-  /** NDJSON: headers go out with the first event (start), so refusals before it are proper HTTP errors. */
-  async function streamResponse(c: Context, gen: Generation): Promise<Response> {
-    const first = await gen.next();
-    if (!first) return errorResponse(c, new ApiError("internal_error", "the engine produced no events"), gen.id);
-    if (first.type === "error") return errorResponse(c, apiErrorOf(first), gen.id);
+  /**
+   * NDJSON. The headers go out on admission, before the request has waited in the queue, so that the edge can
+   * tell a backend that does not answer at all (its `BACKEND_HEADERS_TIMEOUT_MS`) from one with a long queue. A
+   * refusal after admission (an image that does not decode, the deadline passing in the queue, a drain) is then
+   * the stream's first event, before `start`, which the edge treats as it would the same HTTP status.
+   */
+  function streamResponse(gen: Generation): Response {
     let closed = false;
+    let sent = 0;
     const body = new ReadableStream<Uint8Array>({
-      start(controller) {
-        controller.enqueue(enc.encode(encodeEvent(toWireEvent(first))));
-        if (first.type === "done") {
-          closed = true;
-          controller.close();
-        }
-      },
       async pull(controller) {
         if (closed) return;
-        const ev = await gen.next();
+        let ev: BackendEvent | null = null;
+        const next = await gen.next();
         if (closed) return;
-        if (ev) controller.enqueue(enc.encode(encodeEvent(toWireEvent(ev))));
+        if (next) ev = toWireEvent(next);
+        else if (sent === 0) ev = { type: "error", code: "internal_error", message: "the engine produced no events" };
+        if (ev) {
+          controller.enqueue(enc.encode(encodeEvent(ev)));
+          sent++;
+        }
         if (!ev || ev.type === "done" || ev.type === "error") {
           closed = true;
           controller.close();

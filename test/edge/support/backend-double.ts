@@ -29,7 +29,9 @@ export type Script =
   /** Any response, e.g. a proxy's HTML error page or a body-less 200. */
   | { kind: "response"; make: () => Response }
   /** Streams `events`, then keeps the connection open until the request is aborted. */
-  | { kind: "hang"; events: BackendEvent[] };
+  | { kind: "hang"; events: BackendEvent[] }
+  /** Takes the request and never answers (no headers) until it is aborted: a hung or blackholed backend. */
+  | { kind: "silent" };
 
 export function tokensDone(texts: string[], finish: "stop" | "length" = "stop"): BackendEvent[] {
   const text = texts.join("");
@@ -80,6 +82,13 @@ export class BackendDouble {
     this.requests.push({ url: base, wire, signal });
     signal?.addEventListener("abort", () => this.aborted.push(wire.header.request_id));
     if (s.kind === "response") return s.make();
+    if (s.kind === "silent") {
+      return new Promise<Response>((_, reject) => {
+        const fail = () => reject(new DOMException("the request was aborted", "AbortError"));
+        if (signal?.aborted) fail();
+        else signal?.addEventListener("abort", fail);
+      });
+    }
     if (s.kind === "status") {
       return Response.json(s.body ?? { error: { code: "internal_error", message: "x" } }, { status: s.status, headers: s.headers });
     }
