@@ -1,7 +1,8 @@
 /**
  * From a validated request to a tensorized wire request: each image's grid from its header dimensions
- * (smart_resize with the server's caps, narrowed by the request, or from the size the request asked for), the chat template rendered, tokenized, and
- * every `<|image_pad|>` expanded to the image's token count — exactly what Qwen2VLProcessor produces.
+ * (smart_resize with the server's caps, narrowed by the request) or from the size the request asked for, the chat
+ * template rendered, tokenized, and every `<|image_pad|>` expanded to the image's token count — exactly what
+ * Qwen2VLProcessor produces.
  */
 import { ApiError } from "../../shared/src/errors.ts";
 import { renderChatTemplate, type ChatMessage } from "../../shared/src/chat-template.ts";
@@ -17,7 +18,7 @@ export interface InputImage {
   mime: WireImage["mime"];
   width: number;
   height: number;
-  /** How the request asks for it to be sized (checked by `checkImageSizing`): bounds that may only narrow the server's, or a fixed size. */
+  /** How the request asks for it to be sized (checked by `checkImageSizing`): bounds that narrow the server's, or a fixed size. */
   sizing?: ImageSizing;
 }
 

@@ -212,10 +212,11 @@ export async function callBackend(
         if (gone) throw gone;
         continue;
       }
-      if (first && !first.done && first.value.type !== "error") return { events: resume(first.value, events!), backend: url, timeout };
+      if (events && first && !first.done && first.value.type !== "error") return { events: resume(first.value, events), backend: url, timeout };
       await events?.return?.(undefined);
       void res.body?.cancel().catch(() => {});
-      err = first && !first.done && first.value.type === "error" ? clientErrorOf(first.value.code, first.value.message) : new ApiError("backend_error", "the model backend answered without events");
+      const refusal = first && !first.done && first.value.type === "error" ? first.value : null;
+      err = refusal ? clientErrorOf(refusal.code, refusal.message) : new ApiError("backend_error", "the model backend answered without events");
     } else {
       err = await errorFromResponse(res);
     }

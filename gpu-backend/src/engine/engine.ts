@@ -235,12 +235,7 @@ export class BatchingEngine implements Engine {
     if (req.images.length === 0) return this.begin(live, null);
     live.preprocessing = pending(
       preprocessImages(
-        req.images.map(({ bytes, minPixels, maxPixels, resizedHeight, resizedWidth }) => ({
-          bytes,
-          minPixels,
-          maxPixels,
-          ...(resizedHeight !== undefined && resizedWidth !== undefined ? { resizedHeight, resizedWidth } : {}),
-        })),
+        req.images.map(({ bytes, minPixels, maxPixels, resizedHeight, resizedWidth }) => ({ bytes, minPixels, maxPixels, resizedHeight, resizedWidth })),
         preprocessOptionsOf(this.model, this.opts.maxImageTokens),
       ),
     );

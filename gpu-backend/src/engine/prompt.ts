@@ -1,8 +1,8 @@
 /**
  * Messages in the Hugging Face / qwen_vl_utils chat format → the model's input, as the model card's Python
  * does it: `apply_chat_template(add_generation_prompt=True)`, `process_vision_info` (images fetched and
- * resized with their per-image `min_pixels`/`max_pixels`, or to their `resized_height`/`resized_width`), then the processor (pixel values, grids,
- * `<|image_pad|>` expansion).
+ * resized with their per-image `min_pixels`/`max_pixels`, or to their `resized_height`/`resized_width`), then
+ * the processor (pixel values, grids, `<|image_pad|>` expansion).
  */
 import { readFile } from "node:fs/promises";
 import { isAbsolute, resolve } from "node:path";
