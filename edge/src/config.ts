@@ -12,6 +12,8 @@ export interface EdgeConfig {
   /** How long a backend may take to answer at all (its headers come on admission, before queueing). */
   backendHeadersTimeoutMs: number;
   backendSecret: string;
+  /** Headers that pass a Cloudflare Access application in front of the backends (a service token), or none. */
+  backendAccessHeaders: Record<string, string>;
   maxUploadBytes: number;
   maxImagePixels: number;
   minPixels: number;
@@ -51,12 +53,16 @@ export function loadConfig(env: EdgeEnv): EdgeConfig {
   if (!env.BACKEND_HMAC_SECRET || env.BACKEND_HMAC_SECRET.length < 16) {
     throw new ConfigError("BACKEND_HMAC_SECRET must be set (at least 16 characters)");
   }
+  const accessId = env.BACKEND_ACCESS_CLIENT_ID ?? "";
+  const accessSecret = env.BACKEND_ACCESS_CLIENT_SECRET ?? "";
+  if (!accessId !== !accessSecret) throw new ConfigError("BACKEND_ACCESS_CLIENT_ID and BACKEND_ACCESS_CLIENT_SECRET go together");
   const config: EdgeConfig = {
     modelId: env.MODEL_ID || "medvlm-r1",
     backendUrls,
     backendTimeoutMs: int(env, "BACKEND_TIMEOUT_MS", 120_000),
     backendHeadersTimeoutMs: int(env, "BACKEND_HEADERS_TIMEOUT_MS", 15_000),
     backendSecret: env.BACKEND_HMAC_SECRET,
+    backendAccessHeaders: accessId ? { "CF-Access-Client-Id": accessId, "CF-Access-Client-Secret": accessSecret } : {},
     maxUploadBytes: int(env, "MAX_UPLOAD_BYTES", 10 * 1024 * 1024),
     maxImagePixels: int(env, "MAX_IMAGE_PIXELS", 50_000_000),
     minPixels: int(env, "MIN_PIXELS", 3136),

@@ -10,6 +10,9 @@ export interface EdgeEnv {
   BACKEND_HEADERS_TIMEOUT_MS?: string;
   /** Secret: HMAC-SHA256 key shared with the backends (wire-format request signing). */
   BACKEND_HMAC_SECRET?: string;
+  /** Secrets, both or neither: a Cloudflare Access service token in front of the backends (sent as `CF-Access-Client-*`). */
+  BACKEND_ACCESS_CLIENT_ID?: string;
+  BACKEND_ACCESS_CLIENT_SECRET?: string;
 
   /** Production: issuer's JWKS URL (cached, refetched on unknown `kid`). */
   JWT_JWKS_URL?: string;

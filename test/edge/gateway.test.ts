@@ -617,6 +617,19 @@ describe("configuration", () => {
     expect(await res.json()).toMatchObject({ error: { code: "internal_error", message: "the service is misconfigured" } });
     expect(backend.requests).toHaveLength(0);
   });
+
+  it("a Cloudflare Access service token, when set, goes with every backend request; half of one is refused", async () => {
+    const access = { BACKEND_ACCESS_CLIENT_ID: "client-id.access", BACKEND_ACCESS_CLIENT_SECRET: "client-secret-value" };
+    expect((await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), access)).status).toBe(200);
+    expect((await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }))).status).toBe(200);
+    const [withToken, without] = backend.requests.map((r) => [r.headers.get("cf-access-client-id"), r.headers.get("cf-access-client-secret")]);
+    expect(withToken).toEqual(["client-id.access", "client-secret-value"]);
+    expect(without).toEqual([null, null]);
+    expect(() => loadConfig({ ...env, BACKEND_ACCESS_CLIENT_ID: "client-id.access" })).toThrow(/go together/);
+    const res = await call(await authed("/v1/vqa", { method: "POST", body: vqaForm(golden.cases[0]!) }), { BACKEND_ACCESS_CLIENT_SECRET: "client-secret-value" });
+    expect(res.status).toBe(500);
+    expect(backend.requests).toHaveLength(2);
+  });
 });
 
 describe("routes and hygiene", () => {

@@ -168,7 +168,7 @@ export async function callBackend(
   for (const url of orderBackends(config.backendUrls)) {
     attempt++;
     if (signal.aborted) throw new ApiError("backend_unavailable", "request cancelled");
-    const headers = { "content-type": WIRE_CONTENT_TYPE, ...(await signWireRequest(body, config.backendSecret)) };
+    const headers = { "content-type": WIRE_CONTENT_TYPE, ...config.backendAccessHeaders, ...(await signWireRequest(body, config.backendSecret)) };
     const timeout = AbortSignal.timeout(config.backendTimeoutMs);
     const silent = new AbortController();
     const silentTimer = setTimeout(() => silent.abort(), Math.min(config.backendHeadersTimeoutMs, config.backendTimeoutMs));

@@ -20,6 +20,7 @@ export interface Recorded {
   url: string;
   wire: WireRequest;
   signal: AbortSignal | null;
+  headers: Headers;
 }
 
 export type Script =
@@ -79,7 +80,7 @@ export class BackendDouble {
     }
     const wire = decodeWireRequest(body);
     const signal = init?.signal ?? null;
-    this.requests.push({ url: base, wire, signal });
+    this.requests.push({ url: base, wire, signal, headers: req.headers });
     signal?.addEventListener("abort", () => this.aborted.push(wire.header.request_id));
     if (s.kind === "response") return s.make();
     if (s.kind === "silent") {
