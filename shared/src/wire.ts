@@ -15,7 +15,8 @@
  *     ...      bytes    each image's bytes, in order, `header.images[i].byte_length` each
  *
  * The body is authenticated by HMAC-SHA256 (see `signWireRequest`); the backend answers with a stream of
- * newline-delimited JSON events (`BackendEvent`).
+ * newline-delimited JSON events (`BackendEvent`), sent as soon as it admits the request: a refusal after that is
+ * the stream's first event (an `error` before `start`). Refusals at admission are HTTP errors.
  */
 import { ApiError, isErrorCode, type ErrorCode } from "./errors.ts";
 import type { FinishReason, Usage, Timings } from "./api.ts";
